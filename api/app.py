@@ -1,0 +1,93 @@
+"""The FastAPI application: OpenAI routes, health, metrics, errors, auth, and engine shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import chat, completions, models
+from api.auth import PROTECTED_PREFIX, APIKeyMiddleware
+from api.errors import APIError, install_error_handlers
+from api.state import ServerState, get_state
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    engine: Any,
+    *,
+    api_key: str | None = None,
+    max_waiting_requests: int | None = None,
+    shutdown_engine: bool = True,
+) -> FastAPI:
+    """An app serving `engine` (an AsyncLLM). With `shutdown_engine`, stopping the app stops it."""
+    state = ServerState(engine, max_waiting_requests=max_waiting_requests)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has already waited for in-flight requests (bounded by its graceful-shutdown
+        # timeout); whatever is left is aborted when the engine loop stops.
+        state.admission.start_draining()
+        if shutdown_engine:
+            await engine.shutdown()
+
+    app = FastAPI(title="sluicegate", summary="OpenAI-compatible LLM inference server", lifespan=lifespan)
+    app.state.sluice = state
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(models.router)
+
+    @app.get(
+        "/health",
+        responses={503: {"description": "The engine loop is not running, or the server is draining"}},
+    )
+    async def health(request: Request) -> Response:
+        current = get_state(request)
+        if current.admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not current.engine.is_alive:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics(request: Request) -> Response:
+        body, content_type = get_state(request).metrics.render()
+        return Response(body, media_type=content_type)
+
+    # Added last so it runs first: a draining server refuses before auth or parsing.
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(DrainMiddleware, state=state)
+    return app
+
+
+def start_draining(app: FastAPI) -> None:
+    """New /v1 requests get 503 from now on; the ones in flight carry on."""
+    app.state.sluice.admission.start_draining()
+
+
+class DrainMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self.state.admission.draining
+            and scope["path"].startswith(PROTECTED_PREFIX)
+        ):
+            error = APIError(
+                503, "The server is shutting down and accepts no new requests.", code="shutting_down"
+            )
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

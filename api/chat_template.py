@@ -1,0 +1,126 @@
+"""Chat messages -> prompt token ids through the model's own chat template."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jinja2
+
+from api.errors import APIError
+from api.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, TextPart, ToolMessage
+
+_NON_TEXT_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+# chat_template_kwargs reach the template as variables; these names would instead change how
+# apply_chat_template itself behaves (a different template, tensors instead of ids, truncation).
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+        "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip
+
+
+def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+    """Token ids of the conversation, ready for the engine; a 400 APIError for what cannot render."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(
+            400,
+            "This model has no chat template, so it cannot serve /v1/chat/completions; use /v1/completions.",
+            param="messages",
+        )
+    template_kwargs = request.chat_template_kwargs or {}
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
+    if reserved:
+        raise APIError(
+            400,
+            f"Invalid value for 'chat_template_kwargs': {reserved} cannot be set through it.",
+            param="chat_template_kwargs",
+        )
+    messages = [_message_dict(i, m) for i, m in enumerate(request.messages)]
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
+            continue_final_message=request.continue_final_message,
+            tokenize=True,
+            return_dict=False,
+            # A user who writes "<|im_start|>system" in a message gets those characters as text, not
+            # the control token: the conversation structure is the template's alone.
+            sanitize_control_tokens=True,
+            **template_kwargs,
+        )
+    except (jinja2.TemplateError, ValueError, TypeError) as error:
+        # Templates reject what they cannot format (roles out of order, a missing tool id) by
+        # raising; that is the request's fault, and the template's own words say what is wrong.
+        raise APIError(
+            400, f"The chat template could not format these messages: {error}", param="messages"
+        ) from None
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
+    param = f"messages[{index}]"
+    # "developer" is OpenAI's new name for "system"; chat templates only know the old one.
+    result: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    content = _content_text(param, message.content)
+    if isinstance(message, AssistantMessage):
+        if content is None and message.refusal is not None:
+            content = message.refusal
+        if content is None and not message.tool_calls:
+            raise APIError(
+                400,
+                f"Missing required parameter: '{param}.content' (an assistant turn needs it or tool_calls).",
+                param=f"{param}.content",
+            )
+        if message.tool_calls:
+            result["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    # Templates index into the arguments (HF's convention is a dict); the API
+                    # carries JSON text, so parse it, keeping the text when it is not valid JSON.
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _parse_arguments(call.function.arguments),
+                    },
+                }
+                for call in message.tool_calls
+            ]
+    if content is not None:
+        result["content"] = content
+    if isinstance(message, ToolMessage):
+        result["tool_call_id"] = message.tool_call_id
+    elif message.name is not None:
+        result["name"] = message.name
+    return result
+
+
+def _content_text(param: str, content: str | list[Any] | None) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif part.type == "refusal":
+            texts.append(part.refusal)
+        else:
+            kind = _NON_TEXT_PARTS[part.type]
+            raise APIError(
+                400,
+                f"Invalid value for '{param}.content[{j}]': this model accepts text only, "
+                f"so '{part.type}' ({kind}) content parts are not supported.",
+                param=f"{param}.content[{j}]",
+                code="unsupported_content_type",
+            )
+    return "\n".join(texts)
+
+
+def _parse_arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

@@ -1,0 +1,219 @@
+"""POST /v1/completions: legacy text completions (text or token-id prompts, echo, int logprobs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from api.errors import APIError, not_supported
+from api.generation import (
+    ClientDisconnected,
+    EngineStream,
+    cancel_on_disconnect,
+    close_all,
+    merge_streams,
+    new_id,
+    now_s,
+    open_streams,
+)
+from api.logprobs import CompletionLogprobsBuilder, merge_completion_logprobs
+from api.protocol import CompletionRequest, CompletionResponse
+from api.sampling import build_sampling_params, check_stream_options
+from api.state import ServerState, error_responses, get_state, stream_content
+from api.streaming import SSE_DONE, SSEResponse, sse_event
+
+router = APIRouter()
+
+MAX_PROMPTS = 1024  # prompts in one request; each becomes an engine request
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={200: stream_content(CompletionResponse), **error_responses(400, 401, 404, 429, 500, 503)},
+)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    arrival_time = time.monotonic()
+    state = get_state(request)
+    state.check_model(body.model)
+    check_stream_options(body)
+    if body.suffix:
+        raise not_supported("suffix", "'suffix' (fill-in-the-middle)")
+    if body.best_of is not None and body.best_of != body.n:
+        raise not_supported("best_of", "'best_of' different from 'n'")
+    if body.echo and body.logprobs is not None:
+        raise not_supported("logprobs", "'logprobs' together with 'echo' (prompt logprobs)")
+    params = build_sampling_params(
+        body, max_tokens=body.max_tokens, logprobs=body.logprobs, vocab_size=state.vocab_size
+    )
+    prompts = _prompt_token_ids(state, body.prompt)
+    try:
+        streams = await cancel_on_disconnect(
+            request,
+            open_streams(
+                state.engine,
+                prompts,
+                params,
+                metrics=state.metrics,
+                admission=state.admission,
+                arrival_time=arrival_time,
+                prompt_param="prompt",
+            ),
+        )
+    except ClientDisconnected:
+        return Response(status_code=499)
+    run = _CompletionRun(state, body, prompts, streams)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return SSEResponse(run.events(include_usage), on_close=lambda: close_all(streams))
+    try:
+        return await cancel_on_disconnect(request, run.collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        await close_all(streams)
+
+
+def _prompt_token_ids(
+    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[list[int]]:
+    """Every prompt form as a list of token-id prompts (one engine request each)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and isinstance(prompt[0], int):
+        prompt = [prompt]  # type: ignore[list-item]
+    if len(prompt) > MAX_PROMPTS:
+        raise APIError(
+            400, f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request.", param="prompt"
+        )
+    tokenizer = state.engine.tokenizer
+    # Raw text gets the tokenizer's usual special tokens (a BOS for Llama-style models): the model
+    # was trained on text that starts that way. Token ids are the client's exact choice.
+    return [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompt]
+
+
+class _CompletionRun:
+    """One request's choices: prompt i, sample j is choice i * n + j."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        body: CompletionRequest,
+        prompts: list[list[int]],
+        streams: list[EngineStream],
+    ) -> None:
+        self.state = state
+        self.body = body
+        self.prompts = prompts
+        self.streams = streams
+        self.id = new_id("cmpl")
+        self.created = now_s()
+        n = body.n
+        self.echo_text = [self._echo(i) for i in range(len(prompts))]
+        self.logprobs = [
+            CompletionLogprobsBuilder(state.token_text, len(self.echo_text[i // n]))
+            for i in range(len(prompts) * n)
+        ]
+
+    def _echo(self, prompt_index: int) -> str:
+        if not self.body.echo:
+            return ""
+        prompt = self.body.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            return prompt[prompt_index]  # type: ignore[return-value]
+        return self.state.engine.tokenizer.decode(self.prompts[prompt_index], skip_special_tokens=False)
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def _payload(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+        }
+
+    async def events(self, include_usage: bool) -> AsyncIterator[bytes]:
+        n = self.body.n
+        num_completion_tokens = 0
+        finished: set[int] = set()
+        echoed: set[int] = set()
+        async for position, output in merge_streams(self.streams):
+            for completion in output.outputs:
+                index = position * n + completion.index
+                if index in finished:
+                    continue
+                num_completion_tokens += len(completion.token_ids)
+                text = completion.text
+                if index not in echoed:
+                    echoed.add(index)
+                    text = self.echo_text[position] + text
+                logprobs = self.logprobs[index].build(completion.logprobs) if completion.logprobs else None
+                if not text and logprobs is None and completion.finish_reason is None:
+                    continue
+                if completion.finish_reason is not None:
+                    finished.add(index)
+                payload = self._payload(
+                    [
+                        {
+                            "index": index,
+                            "text": text,
+                            "logprobs": logprobs,
+                            "finish_reason": completion.finish_reason,
+                        }
+                    ]
+                )
+                if include_usage:
+                    payload["usage"] = None
+                yield sse_event(payload)
+        if include_usage:
+            payload = self._payload([])
+            payload["usage"] = self._usage(num_completion_tokens)
+            yield sse_event(payload)
+        yield SSE_DONE
+
+    async def collect(self) -> CompletionResponse:
+        num_choices = len(self.prompts) * self.body.n
+        texts: list[list[str]] = [[self.echo_text[i // self.body.n]] for i in range(num_choices)]
+        logprobs: list[list[dict[str, Any]] | None] = [None] * num_choices
+        finish_reasons: list[str | None] = [None] * num_choices
+        num_completion_tokens = 0
+        async for position, output in merge_streams(self.streams):
+            for completion in output.outputs:
+                index = position * self.body.n + completion.index
+                texts[index].append(completion.text)
+                num_completion_tokens += len(completion.token_ids)
+                if completion.logprobs is not None:
+                    logprobs[index] = logprobs[index] or []
+                    logprobs[index].append(self.logprobs[index].build(completion.logprobs))  # type: ignore[union-attr]
+                if completion.finish_reason is not None:
+                    finish_reasons[index] = completion.finish_reason
+        choices = [
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": merge_completion_logprobs(logprobs[i]) if logprobs[i] is not None else None,
+                "finish_reason": finish_reasons[i],
+            }
+            for i in range(num_choices)
+        ]
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,  # type: ignore[arg-type]
+            usage=self._usage(num_completion_tokens),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,69 @@
+"""Server-Sent Events as OpenAI streams them: `data: {json}\\n\\n` per chunk, then `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from api.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    # Tells nginx-style proxies not to buffer: a buffered stream is no stream.
+    "X-Accel-Buffering": "no",
+}
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    # Compact separators keep per-token events small; ensure_ascii=False keeps them readable.
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(message: str, code: str | None = None) -> bytes:
+    """An error after the 200 went out: the only way left to tell the client is an event."""
+    return sse_event(error_body(message, "server_error", None, code))
+
+
+async def guarded_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Passes events through; an unexpected failure becomes an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except Exception:
+        logger.exception("Error while streaming a response")
+        yield sse_error("The server had an error while processing your request.", "internal_error")
+        yield SSE_DONE
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always runs `on_close`, however the stream ends.
+
+    When the client disconnects, Starlette cancels the send loop while the body iterator may sit at
+    a `yield`, where no exception reaches it; `on_close` (closing the engine streams, which aborts
+    them) then runs here, shielded from that cancellation.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(guarded_events(events), headers=SSE_HEADERS)
+        self._events = events
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._events.aclose()  # type: ignore[attr-defined]
+                await self._on_close()

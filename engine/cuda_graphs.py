@@ -1,0 +1,103 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step launches hundreds of small kernels; replaying a captured graph removes their launch
+cost. Graphs are captured at bucketed batch sizes over static input buffers; a step of n sequences
+replays the smallest bucket >= n, with padding rows that write to no KV slot. Prefill and mixed
+steps run eagerly. Only the Triton attention backend can be captured: it never syncs with the host
+and sizes its grid from upper bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner, StepInputs
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_buckets(max_batch_size: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sizes + [max_batch_size]
+
+
+class DecodeGraphRunner:
+    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+        self.runner = runner
+        self.buckets = batch_size_buckets(min(max_batch_size, 512))
+        self.max_batch_size = self.buckets[-1]
+        device = runner.device
+        size = self.max_batch_size
+        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(size, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(size, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(size, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_batch_size and bool(self.graphs)
+
+    def _metadata(self, batch_size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch_size],
+            query_start_loc=self.query_start_loc[: batch_size + 1],
+            seq_lens=self.seq_lens[:batch_size],
+            block_tables=self.block_tables[:batch_size],
+            max_query_len=1,
+            max_seq_len=self.runner.max_model_len,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        if self.runner.backend != "triton":
+            logger.info("CUDA graphs need the Triton attention backend; decode runs eagerly")
+            return
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        # Largest first, so smaller graphs reuse the largest one's memory pool.
+        for size in reversed(self.buckets):
+            args = (
+                self.input_ids[:size],
+                self.positions[:size],
+                self._metadata(size),
+                self.logits_indices[:size],
+            )
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.runner.forward(*args)  # warm-up: compiles kernels, settles the allocator
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = self.runner.forward(*args)
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        logger.info("Captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        n = inputs.input_ids.shape[0]
+        size = next(b for b in self.buckets if b >= n)
+        metadata = inputs.metadata
+        self.input_ids[:n].copy_(inputs.input_ids)
+        self.positions[:n].copy_(inputs.positions)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping)
+        self.seq_lens[:n].copy_(metadata.seq_lens)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(metadata.block_tables)
+        if size > n:
+            # Padding rows: attend to one stale slot of block 0 and write nothing.
+            self.slot_mapping[n:size].fill_(-1)
+            self.seq_lens[n:size].fill_(1)
+            self.block_tables[n:size, 0].fill_(0)
+        self.graphs[size].replay()
+        return self.logits[size][:n]

@@ -1,0 +1,288 @@
+"""The synchronous engine core: add requests, abort them, step, get outputs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager
+from engine.loader import load
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request
+from engine.sampler import make_generator
+from engine.sampling_params import OutputKind, SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int]
+
+
+@dataclass
+class _Sample:
+    """One of the n samples of a user request, with what has been handed out of it so far."""
+
+    sequence: Request
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""  # released text (held-back stop-string candidates excluded)
+    num_sent_tokens: int = 0
+    num_sent_text: int = 0
+    finish_reported: bool = False
+
+
+@dataclass
+class UserRequest:
+    """A validated request, ready to enter the engine (built off the engine thread)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample] = field(default_factory=list)
+    pending: list[Request] = field(default_factory=list)  # siblings waiting for the prompt's blocks
+
+    @property
+    def finished(self) -> bool:
+        return all(s.sequence.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded = load(config)
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.served_name
+        self.max_model_len = loaded.max_model_len
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.model.config.get_text_config().vocab_size
+        self.device = loaded.device
+        self.runner = ModelRunner(loaded, config)
+        self.kv_cache = KVCacheManager(
+            self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, UserRequest] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> UserRequest:
+        """Tokenize and validate; raises ValueError naming the problem. Touches no engine state."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("This engine was started without a tokenizer: prompts must be token ids")
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            prompt_text, prompt_ids = None, [int(t) for t in prompt]
+        if not prompt_ids:
+            raise ValueError("Invalid value for 'prompt': the prompt must contain at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"Invalid value for 'prompt': token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        params = copy.copy(params)
+        params.eos_token_ids = self.eos_token_ids
+        num_prompt = len(prompt_ids)
+        if params.max_tokens is None:
+            params.max_tokens = max(1, self.max_model_len - num_prompt)
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the messages, {params.max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+        blocks = self.kv_cache.blocks_needed(num_prompt + params.max_tokens)
+        if blocks > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"Invalid value for 'max_tokens': prompt plus max_tokens needs {blocks} KV blocks but the whole "
+                f"cache has {self.kv_cache.num_blocks}; lower max_tokens or the prompt length"
+            )
+        user_request = UserRequest(request_id, prompt_text, prompt_ids, params)
+        for index in range(params.n):
+            sequence = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                user_request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                params=params,
+                sample_index=index,
+            )
+            if params.seed is not None:
+                sequence.generator = make_generator(params.seed + index, self.device)
+            detokenizer = None
+            if self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(
+                    self.tokenizer,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            user_request.samples.append(_Sample(sequence, detokenizer))
+        return user_request
+
+    def add_processed(self, user_request: UserRequest) -> None:
+        if user_request.request_id in self.requests:
+            raise ValueError(
+                f"Invalid value for 'request_id': {user_request.request_id!r} is already running"
+            )
+        self.requests[user_request.request_id] = user_request
+        self.prompt_tokens_total += len(user_request.prompt_token_ids)
+        sequences = [s.sequence for s in user_request.samples]
+        # With prefix caching, siblings wait until the first sample has computed the prompt, then
+        # reuse its blocks instead of computing the same prompt n times.
+        if self.config.enable_prefix_caching and len(sequences) > 1:
+            self.scheduler.add(sequences[0])
+            user_request.pending = sequences[1:]
+        else:
+            for sequence in sequences:
+                self.scheduler.add(sequence)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        self.add_processed(self.process_request(request_id, prompt, params or SamplingParams()))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        user_request = self.requests.pop(request_id, None)
+        if user_request is None:
+            return None
+        for sample in user_request.samples:
+            if not sample.sequence.is_finished:
+                self._finish(sample.sequence, "abort")
+        user_request.pending = []
+        return self._make_output(user_request)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        result = self.runner.execute(batch)
+        self.scheduler.mark_computed(batch)
+        touched: dict[str, UserRequest] = {}
+        logprobs = result.logprobs or [None] * len(result.token_ids)
+        for sequence, token_id, token_logprob in zip(result.sampled_requests, result.token_ids, logprobs):
+            self._append_token(sequence, token_id, token_logprob)
+            user_request = self.requests[sequence.user_request_id]
+            touched[user_request.request_id] = user_request
+        self.generation_tokens_total += len(result.token_ids)
+        outputs = []
+        for user_request in touched.values():
+            self._release_pending(user_request)
+            output = self._make_output(user_request)
+            if output is not None:
+                outputs.append(output)
+            if user_request.finished:
+                del self.requests[user_request.request_id]
+        return outputs
+
+    def _append_token(self, sequence: Request, token_id: int, token_logprob) -> None:
+        params = sequence.params
+        sequence.output_token_ids.append(token_id)
+        if token_logprob is not None:
+            sequence.logprobs.append(token_logprob)
+            sequence.cumulative_logprob += token_logprob.logprob
+        sample = self.requests[sequence.user_request_id].samples[sequence.sample_index]
+        num_output = len(sequence.output_token_ids)
+        if not params.ignore_eos and token_id in params.eos_token_ids and num_output >= params.min_tokens:
+            self._finish(sequence, "stop")
+            return
+        if token_id in params.stop_token_ids and num_output >= params.min_tokens:
+            self._finish(sequence, "stop", stop_reason=token_id)
+            return
+        if sample.detokenizer is not None:
+            stop_string = sample.detokenizer.add_tokens([token_id])
+            if stop_string is not None and num_output >= params.min_tokens:
+                self._finish(sequence, "stop", stop_reason=stop_string)
+                return
+        if num_output >= params.max_tokens or sequence.num_tokens >= self.max_model_len:
+            self._finish(sequence, "length")
+
+    def _finish(self, sequence: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        sequence.finish_reason = reason
+        sequence.stop_reason = stop_reason
+        self.scheduler.finish(sequence)
+
+    def _release_pending(self, user_request: UserRequest) -> None:
+        first = user_request.samples[0].sequence
+        if user_request.pending and (
+            first.num_computed_tokens >= first.num_prompt_tokens or first.is_finished
+        ):
+            for sequence in reversed(user_request.pending):
+                self.scheduler.add(sequence, front=True)
+            user_request.pending = []
+
+    # ---- outputs -----------------------------------------------------------------------------
+
+    def _make_output(self, user_request: UserRequest) -> RequestOutput | None:
+        kind = user_request.params.output_kind
+        finished = user_request.finished
+        if kind == OutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for sample in user_request.samples:
+            sequence = sample.sequence
+            done = sequence.is_finished
+            if sample.detokenizer is not None:
+                sample.text += sample.detokenizer.take_new_text(finished=done)
+            if kind == OutputKind.DELTA:
+                new_tokens = sequence.output_token_ids[sample.num_sent_tokens :]
+                new_text = sample.text[sample.num_sent_text :]
+                if not new_tokens and not new_text and (not done or sample.finish_reported):
+                    continue
+                completion = CompletionOutput(
+                    index=sequence.sample_index,
+                    text=new_text,
+                    token_ids=new_tokens,
+                    logprobs=sequence.logprobs[sample.num_sent_tokens :]
+                    if sequence.params.logprobs is not None
+                    else None,
+                )
+            else:
+                completion = CompletionOutput(
+                    index=sequence.sample_index,
+                    text=sample.text,
+                    token_ids=list(sequence.output_token_ids),
+                    logprobs=list(sequence.logprobs) if sequence.params.logprobs is not None else None,
+                )
+            completion.finish_reason = sequence.finish_reason
+            completion.stop_reason = sequence.stop_reason
+            if sequence.params.logprobs is not None:
+                completion.cumulative_logprob = sequence.cumulative_logprob
+            sample.num_sent_tokens = len(sequence.output_token_ids)
+            sample.num_sent_text = len(sample.text)
+            sample.finish_reported = done
+            completions.append(completion)
+        first = user_request.samples[0].sequence
+        return RequestOutput(
+            request_id=user_request.request_id,
+            prompt=user_request.prompt,
+            prompt_token_ids=user_request.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=first.num_cached_tokens,
+            num_generated_tokens=sum(len(s.sequence.output_token_ids) for s in user_request.samples),
+        )
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        free = self.kv_cache.num_free_blocks
+        return {
+            "kv_blocks_total": self.kv_cache.num_blocks,
+            "kv_blocks_free": free,
+            "kv_blocks_used": self.kv_cache.num_blocks - free,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting) + sum(len(r.pending) for r in self.requests.values()),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

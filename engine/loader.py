@@ -1,0 +1,151 @@
+"""Loads a model and its tokenizer: hub id, local directory, or config with dummy weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from engine.attention import hf_integration
+from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object  # a transformers tokenizer
+    model_path: str
+    served_name: str
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
+    # Half-precision checkpoints keep their dtype; float32 ones run in bf16 on a GPU, as in vLLM.
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def check_supported(hf_config, max_model_len: int) -> None:
+    """Refuse at load what our attention does not implement, instead of silently ignoring it."""
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    uses_window = window is not None and (
+        layer_types is None
+        and getattr(text_config, "use_sliding_window", True)
+        or (layer_types is not None and "sliding_attention" in layer_types)
+    )
+    if uses_window and window < max_model_len:
+        raise ValueError(
+            f"This model uses sliding-window attention (window {window}) shorter than max_model_len "
+            f"{max_model_len}; sluicegate does not implement sliding windows yet. Pass max_model_len <= {window}."
+        )
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(text_config, name, None):
+            raise ValueError(f"This model uses {name}, which sluicegate does not implement yet.")
+    for name in ("logits_scaling", "logit_scale"):
+        if getattr(text_config, name, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"This model scales its logits ({name}), which sluicegate does not implement yet."
+            )
+    if getattr(text_config, "is_encoder_decoder", False):
+        raise ValueError("sluicegate runs decoder-only models; this one is an encoder-decoder.")
+
+
+def load(config: EngineConfig) -> LoadedModel:
+    hf_integration.register()
+    model_path = config.model
+    served_name = config.served_model_name
+    if model_path is None:
+        from engine.demo_model import DEMO_MODEL_ID, demo_model_path
+
+        model_path = str(demo_model_path())
+        served_name = served_name or DEMO_MODEL_ID
+    served_name = served_name or model_path
+    device = resolve_device(config.device)
+    hf_config = AutoConfig.from_pretrained(model_path)
+    dtype = resolve_dtype(config.dtype, hf_config, device)
+    max_model_len = _max_model_len(hf_config, config.max_model_len)
+    check_supported(hf_config, max_model_len)
+
+    if config.load_format == "dummy":
+        model = _dummy_model(hf_config, dtype, device, config.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=hf_integration.ATTN_IMPLEMENTATION
+        ).to(device)
+    model.config._attn_implementation = hf_integration.ATTN_IMPLEMENTATION
+    model.eval().requires_grad_(False)
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+    logger.info("Loaded %s on %s in %s (max_model_len %d)", model_path, device, dtype, max_model_len)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_path=model_path,
+        served_name=served_name,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=_eos_token_ids(model_path, tokenizer, hf_config),
+        max_model_len=max_model_len,
+    )
+
+
+def _max_model_len(hf_config, requested: int | None) -> int:
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if requested is None:
+        if limit is None:
+            raise ValueError("The model config has no max_position_embeddings; pass max_model_len.")
+        return limit
+    if limit is not None and requested > limit:
+        raise ValueError(
+            f"Invalid value for 'max_model_len': {requested} exceeds the model's limit of {limit}"
+        )
+    return requested
+
+
+def _dummy_model(hf_config, dtype: torch.dtype, device: torch.device, seed: int) -> PreTrainedModel:
+    """The architecture from its config with transformers' own random init; reads no checkpoint."""
+    torch.manual_seed(seed)
+    hf_config._attn_implementation = hf_integration.ATTN_IMPLEMENTATION
+    # Built directly on the device so an 8B model never passes through host memory.
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def _eos_token_ids(model_path: str, tokenizer, hf_config) -> frozenset[int]:
+    """EOS ids from the tokenizer and generation_config (either may hold a list)."""
+    ids: set[int] = set()
+    candidates = [tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)]
+    try:
+        candidates.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
+    except OSError:
+        pass
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

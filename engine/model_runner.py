@@ -1,0 +1,296 @@
+"""Packs a scheduled step into tensors, runs the transformers model over the paged KV cache, samples.
+
+One step is one packed batch [1, T] with position_ids; the attention metadata reaches our paged
+attention through the forward context. The LM head runs only on the rows that will be sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata, ForwardContext, forward_context
+from engine.config import EngineConfig
+from engine.loader import LoadedModel
+from engine.outputs import TokenLogprob
+from engine.request import Request
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class StepResult:
+    sampled_requests: list[Request]  # the requests that got a new token, in batch order
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] | None
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] rows of the batch whose next token is sampled
+    sampled_requests: list[Request]
+    is_decode_only: bool
+
+
+def _tokens_in_range(request: Request, start: int, end: int) -> list[int]:
+    """Token ids at positions [start, end) without concatenating prompt and output."""
+    num_prompt = request.num_prompt_tokens
+    if start >= num_prompt:
+        return request.output_token_ids[start - num_prompt : end - num_prompt]
+    if end <= num_prompt:
+        return request.prompt_token_ids[start:end]
+    return request.prompt_token_ids[start:] + request.output_token_ids[: end - num_prompt]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.block_size = config.block_size
+        self.max_model_len = loaded.max_model_len
+        text_config = self.model.config.get_text_config()
+        self.num_layers = text_config.num_hidden_layers
+        self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.backend = _pick_backend(config.attention_backend, self.device)
+        self.base_model = self.model.base_model
+        self.lm_head = self.model.get_output_embeddings()
+        vocab_size = text_config.vocab_size
+        if loaded.tokenizer is not None:
+            vocab_size = min(vocab_size, len(loaded.tokenizer))
+        self.sampler = Sampler(vocab_size)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graph_runner = None
+        self.num_kv_blocks = self._size_kv_cache(config)
+        self._allocate_kv_cache(self.num_kv_blocks)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.2f GiB (%s attention)",
+            self.num_kv_blocks,
+            self.block_size,
+            self.num_kv_blocks * self.bytes_per_block / 2**30,
+            self.backend,
+        )
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from engine.cuda_graphs import DecodeGraphRunner
+
+            self.graph_runner = DecodeGraphRunner(self, max_batch_size=config.max_num_seqs)
+            self.graph_runner.capture()
+
+    @property
+    def bytes_per_block(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element_size
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    def _size_kv_cache(self, config: EngineConfig) -> int:
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if self.device.type != "cuda":
+            budget = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+            return max(1, budget // self.bytes_per_block)
+        return self._profile_cuda_blocks(config)
+
+    def _profile_cuda_blocks(self, config: EngineConfig) -> int:
+        """Blocks that fit in gpu_memory_utilization of the card after a forward at the largest batch."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = config.max_num_batched_tokens
+        num_seqs = max(1, min(config.max_num_seqs, num_tokens))
+        profile_blocks = num_seqs * self.max_blocks_per_seq
+        profile_blocks = min(profile_blocks, -(-num_tokens // self.block_size) + num_seqs)
+        self._allocate_kv_cache(profile_blocks)
+        self._profile_forward(num_tokens, num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - profile_blocks * self.bytes_per_block
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * config.gpu_memory_utilization - peak - in_use_elsewhere
+        # CUDA graphs and allocator fragmentation need headroom beyond the measured peak.
+        budget -= 512 * 2**20
+        num_blocks = int(budget // self.bytes_per_block)
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"No GPU memory left for the KV cache (peak {peak / 2**30:.2f} GiB of {total / 2**30:.2f} GiB); "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        logger.info("Profiled peak activation memory %.2f GiB", peak / 2**30)
+        return num_blocks
+
+    def _profile_forward(self, num_tokens: int, num_seqs: int) -> None:
+        """A dummy forward of num_tokens tokens over num_seqs sequences, plus sampling of each."""
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        lengths = [max(1, length) for length in lengths]
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        total = starts[-1]
+        block_tables = torch.zeros(num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
+            block_tables=block_tables,
+            max_query_len=max(lengths),
+            max_seq_len=max(lengths),
+            query_start_loc_host=starts,
+            seq_lens_host=lengths,
+        )
+        input_ids = torch.zeros(total, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        logits_indices = torch.tensor(starts[1:], device=self.device) - 1
+        logits = self.forward(input_ids, positions, metadata, logits_indices)
+        rows = [SamplingRow(_PROFILE_PARAMS, [0], [], None) for _ in range(num_seqs)]
+        self.sampler(logits, rows)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # Zeros, not empty: attention kernels multiply masked-out V rows by 0, and 0 * NaN is NaN.
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.num_layers)
+        ]
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        token_ids: list[int] = []
+        starts: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Request] = []
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            start = request.num_computed_tokens
+            end = start + num_new
+            token_ids.extend(_tokens_in_range(request, start, end))
+            starts.append(start)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(end)
+            if end == request.num_tokens:
+                logits_rows.append(query_start_loc[-1] - 1)
+                sampled.append(request)
+        max_blocks = max(len(r.block_ids) for r in batch.requests)
+        block_tables = torch.tensor(
+            [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in batch.requests], dtype=torch.int32
+        )
+        num_new_tokens = torch.tensor(batch.num_new_tokens)
+        row_of_token = torch.repeat_interleave(torch.arange(len(batch)), num_new_tokens)
+        first_position = torch.tensor(starts) - torch.tensor(query_start_loc[:-1])
+        positions = torch.arange(len(token_ids)) + first_position[row_of_token]
+        slot_mapping = (
+            block_tables[row_of_token, positions // self.block_size].long() * self.block_size
+            + positions % self.block_size
+        )
+        # Two host-to-device copies per step (one per dtype) instead of one per tensor.
+        num_tokens, num_seqs, num_sampled = len(token_ids), len(batch), len(logits_rows)
+        longs = _to_device(
+            torch.cat(
+                [
+                    torch.tensor(token_ids),
+                    positions,
+                    slot_mapping,
+                    torch.tensor(logits_rows, dtype=torch.long),
+                ]
+            ),
+            self.device,
+        )
+        ints = _to_device(
+            torch.cat(
+                [
+                    torch.tensor(query_start_loc, dtype=torch.int32),
+                    torch.tensor(seq_lens, dtype=torch.int32),
+                    block_tables.flatten(),
+                ]
+            ),
+            self.device,
+        )
+        input_ids, positions_d, slots_d, logits_d = longs.split(
+            [num_tokens, num_tokens, num_tokens, num_sampled]
+        )
+        qsl_d, seq_lens_d, tables_d = ints.split([num_seqs + 1, num_seqs, block_tables.numel()])
+        metadata = AttentionMetadata(
+            slot_mapping=slots_d,
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
+            block_tables=tables_d.view(num_seqs, max_blocks),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_host=query_start_loc,
+            seq_lens_host=seq_lens,
+        )
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions_d,
+            metadata=metadata,
+            logits_indices=logits_d,
+            sampled_requests=sampled,
+            # Every row decodes one token and is sampled: the shape a captured CUDA graph expects.
+            is_decode_only=num_tokens == num_seqs == num_sampled,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states of the packed batch, then logits [S, V] of the sampled rows only."""
+        context = ForwardContext(metadata=metadata, kv_caches=self.kv_caches, backend=self.backend)
+        with forward_context(context):
+            hidden = self.base_model(
+                input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False
+            ).last_hidden_state[0]
+        return self.lm_head(hidden[logits_indices])
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        inputs = self.prepare(batch)
+        if not inputs.sampled_requests:
+            self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
+            return StepResult([], [], None)
+        if inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch)):
+            logits = self.graph_runner.run(inputs)
+        else:
+            logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
+        rows = [
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            for r in inputs.sampled_requests
+        ]
+        output = self.sampler(logits, rows)
+        return StepResult(inputs.sampled_requests, output.token_ids.tolist(), output.logprobs)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
+def _pick_backend(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    return "triton" if device.type == "cuda" else "torch"
+
+
+# Exercises every sampler stage so profiling sees its peak memory.
+_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1, logprobs=20)

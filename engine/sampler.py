@@ -1,0 +1,327 @@
+"""Batched logits processing and sampling on the device.
+
+Per-request parameters become tensors once per step, so the math is a handful of batched kernels
+whatever the batch holds. The only per-row Python work is building those tensors and drawing the
+noise of seeded rows with each row's own generator (so a seed reproduces the same text whatever
+else shares the batch).
+
+Order of operations, per row (each stage is skipped when no row in the batch uses it):
+  raw logits (fp32, columns >= vocab_size dropped) -> logprobs of the raw distribution
+  -> logit_bias -> min_tokens masking -> repetition penalty -> frequency/presence penalties
+  -> greedy: argmax | random: / temperature -> min_p -> top_k -> top_p -> exponential race.
+Each filter acts on the distribution the previous filters left (renormalized), as transformers'
+warpers and vLLM do.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits to sample, built by the engine."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    # Tokens generated so far by this sequence, before this step.
+    output_token_ids: list[int]
+    # The sequence's own generator (on the logits' device) when params.seed is set, else None.
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64, on the logits' device
+    # One entry per row when any row asked for logprobs; rows that did not ask hold None.
+    logprobs: list[TokenLogprob | None] | None
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator for one seeded sequence; it must live on the device the logits live on."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        assert vocab_size > 0
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        assert logits.shape[1] >= self.vocab_size, (logits.shape[1], self.vocab_size)
+        device = logits.device
+        num_rows, vocab = logits.shape[0], self.vocab_size
+
+        # Padded embedding columns can never be sampled: dropping them is the same as masking them
+        # to -inf, and keeps every later tensor (and each seeded row's noise draw) vocab_size wide.
+        # A fresh fp32 copy, because the stages below work in place and must not touch the caller's logits.
+        processed = torch.empty((num_rows, vocab), dtype=torch.float32, device=device)
+        processed.copy_(logits[:, :vocab])
+
+        params = [row.params for row in rows]
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in params):
+            raw_logprobs = torch.log_softmax(processed, dim=-1)
+
+        self._apply_logit_bias(processed, rows)
+        self._apply_min_tokens(processed, rows)
+        self._apply_penalties(processed, rows)
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            token_ids = processed.argmax(dim=-1)
+        else:
+            token_ids = self._sample_random(processed, rows, greedy)
+
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, token_ids, params)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    # ----- logits processors (3-6) -------------------------------------------------------------------
+
+    def _apply_logit_bias(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        row_idx: list[int] = []
+        token_idx: list[int] = []
+        values: list[float] = []
+        for i, row in enumerate(rows):
+            for token_id, bias in (row.params.logit_bias or {}).items():
+                # Ids outside the vocabulary cannot be sampled; an out-of-range index would be a device
+                # assert on CUDA, so they are dropped here rather than trusted.
+                if 0 <= token_id < self.vocab_size:
+                    row_idx.append(i)
+                    token_idx.append(token_id)
+                    values.append(bias)
+        if not row_idx:
+            return
+        index = _to_device([row_idx, token_idx], torch.int64, logits.device)
+        logits.index_put_(
+            (index[0], index[1]), _to_device(values, torch.float32, logits.device), accumulate=True
+        )
+
+    def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        row_idx: list[int] = []
+        token_idx: list[int] = []
+        for i, row in enumerate(rows):
+            p = row.params
+            if len(row.output_token_ids) >= p.min_tokens:
+                continue
+            banned = set(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                banned.update(p.eos_token_ids)
+            for token_id in banned:
+                if 0 <= token_id < self.vocab_size:
+                    row_idx.append(i)
+                    token_idx.append(token_id)
+        if not row_idx:
+            return
+        index = _to_device([row_idx, token_idx], torch.int64, logits.device)
+        logits[index[0], index[1]] = float("-inf")
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        params = [row.params for row in rows]
+        use_repetition = any(p.repetition_penalty != 1.0 for p in params)
+        use_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+        if not (use_repetition or use_additive):
+            return
+        device = logits.device
+        vocab = logits.shape[1]
+
+        # Output-token counts, shared by both penalties. Rows that use neither contribute no ids, so
+        # their padded row is all sink.
+        output_ids = [
+            row.output_token_ids
+            if (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+            else []
+            for row, p in zip(rows, params, strict=True)
+        ]
+        output_counts = _token_counts(output_ids, vocab, device)
+
+        if use_repetition:
+            prompt_ids = [
+                row.prompt_token_ids if p.repetition_penalty != 1.0 else []
+                for row, p in zip(rows, params, strict=True)
+            ]
+            seen = (_token_counts(prompt_ids, vocab, device) > 0) | (output_counts > 0)
+            penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device).unsqueeze(1)
+            # transformers' rule: shrink positive logits, push negative ones further down.
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits.copy_(torch.where(seen, penalized, logits))
+
+        if use_additive:
+            coeffs = _to_device(
+                [[p.frequency_penalty, p.presence_penalty] for p in params], torch.float32, device
+            )
+            frequency, presence = coeffs[:, 0:1], coeffs[:, 1:2]
+            logits.sub_(frequency * output_counts + presence * (output_counts > 0).float())
+
+    # ----- random sampling (7-8) ----------------------------------------------------------------------
+
+    def _sample_random(
+        self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]
+    ) -> torch.Tensor:
+        device = logits.device
+        params = [row.params for row in rows]
+        # Greedy rows still ride through the batched math with neutral settings; their token is the
+        # argmax taken before temperature and filters, and replaces the random one at the end.
+        greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
+
+        settings = _to_device(
+            [
+                [
+                    1.0 if g else p.temperature,
+                    0.0 if g else p.min_p,
+                    0.0 if g or p.top_k <= 0 else float(min(p.top_k, self.vocab_size)),
+                ]
+                for p, g in zip(params, greedy, strict=True)
+            ],
+            torch.float32,
+            device,
+        )
+        temperature, min_p, top_k = (settings[:, j : j + 1] for j in range(3))
+        use_min_p = any(not g and p.min_p > 0.0 for p, g in zip(params, greedy, strict=True))
+        use_top_k = any(not g and p.top_k > 0 for p, g in zip(params, greedy, strict=True))
+        use_top_p = any(not g and p.top_p < 1.0 for p, g in zip(params, greedy, strict=True))
+
+        logits.div_(temperature)
+
+        if use_min_p:
+            probs = torch.softmax(logits, dim=-1)
+            threshold = min_p * probs.amax(dim=-1, keepdim=True)
+            logits.masked_fill_(probs < threshold, float("-inf"))
+
+        if use_top_k and not use_top_p:
+            # top_k alone needs only each row's k-th value, which a partial topk finds faster than a sort.
+            max_k = max(p.top_k for p, g in zip(params, greedy, strict=True) if not g)
+            top_values = logits.topk(min(max_k, self.vocab_size), dim=-1).values
+            k = top_k.long().clamp(min=1)
+            # Rows with top_k off compare against -inf, which keeps everything.
+            kth_value = torch.where(top_k > 0, top_values.gather(1, k - 1), float("-inf"))
+            # Compare by value, as transformers does: ties with the k-th logit all stay.
+            logits.masked_fill_(logits < kth_value, float("-inf"))
+        elif use_top_p:
+            sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+            if use_top_k:
+                # Rows with top_k off use k = vocab_size, whose cutoff is the smallest logit: keeps all.
+                k = torch.where(top_k > 0, top_k, float(self.vocab_size)).long()
+                kth_value = sorted_logits.gather(1, k - 1)
+                # Compare by value, as transformers does: ties with the k-th logit all stay.
+                sorted_logits.masked_fill_(sorted_logits < kth_value, float("-inf"))
+            # float64 because CUDA's cumsum is not bitwise reproducible from call to call: in fp32
+            # its wobble could move a token across the top_p line and break seeded reproducibility.
+            sorted_probs = torch.softmax(sorted_logits, dim=-1).double()
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            # A token stays while the mass of the more likely tokens is still short of top_p, which
+            # keeps the smallest set reaching top_p and always the top token (mass before it is 0).
+            # Rows with top_p == 1 get a bound of 2 so rounding in the cumsum cannot drop their tail.
+            top_p = _to_device(
+                [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)],
+                torch.float64,
+                device,
+            )
+            bound = torch.where(top_p < 1.0, top_p, 2.0).unsqueeze(1)
+            sorted_logits.masked_fill_(mass_before >= bound, float("-inf"))
+            logits.scatter_(1, sorted_idx, sorted_logits)
+
+        probs = torch.softmax(logits, dim=-1)
+        noise = self._exponential_noise(probs, rows, greedy)
+        # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i, and needs
+        # no device->host sync or cumulative search (same result as the Gumbel-max trick).
+        sampled = probs.div_(noise).argmax(dim=-1)
+        if greedy_tokens is not None:
+            sampled = torch.where(_to_device(greedy, torch.bool, device), greedy_tokens, sampled)
+        return sampled
+
+    def _exponential_noise(
+        self, probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]
+    ) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        seeded = [
+            (i, row.generator) for i, row in enumerate(rows) if not greedy[i] and row.generator is not None
+        ]
+        num_unseeded = sum(not g for g in greedy) - len(seeded)
+        if num_unseeded > 0:
+            # One call on the global generator for the whole batch; seeded rows are overwritten below.
+            noise.exponential_()
+        else:
+            noise.fill_(1.0)
+        for i, generator in seeded:
+            # Exactly one draw of vocab_size exponentials per sampled token from the row's own generator,
+            # so its stream depends on nothing else in the batch.
+            noise[i].exponential_(generator=generator)
+        # An exact zero would turn 0/0 into NaN, which argmax would pick; the clamp changes nothing else.
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+# ----- helpers ---------------------------------------------------------------------------------------------
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor."""
+    return _host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Through pinned memory on CUDA so the copy is asynchronous and the host can go on queueing work.
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, vocab] float counts of each token id per row, built on the device with scatter_add."""
+    num_rows = len(token_ids)
+    lengths = [len(ids) for ids in token_ids]
+    total = sum(lengths)
+    counts = torch.zeros((num_rows, vocab + 1), dtype=torch.float32, device=device)
+    if total == 0:
+        return counts[:, :vocab]
+    # The ids travel flat rather than padded: one long prompt would otherwise pad every row to its
+    # length. numpy's fromiter converts Python ints several times faster than torch.tensor does.
+    flat = torch.from_numpy(
+        np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
+    )
+    flat = _host_to_device(flat, device)
+    row = torch.repeat_interleave(
+        torch.arange(num_rows, device=device),
+        _to_device(lengths, torch.int64, device),
+        output_size=total,  # known on the host, so no device->host sync to size the result
+    )
+    # Ids the model cannot produce (>= vocab) land in a sink column that is dropped afterwards.
+    index = row * (vocab + 1) + flat.clamp_(min=0, max=vocab)
+    counts.view(-1).scatter_add_(0, index, torch.ones(total, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def _gather_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+) -> list[TokenLogprob | None]:
+    """Chosen-token logprob and top-k alternatives, moved to the host in one copy."""
+    max_k = max(p.logprobs or 0 for p in params if p.logprobs is not None)
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))
+    parts = [token_ids.unsqueeze(1).double(), chosen.double()]
+    if max_k > 0:
+        top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)
+        # Token ids are exact in float64 (< 2**53), so everything can travel as one tensor.
+        parts += [top_ids.double(), top_values.double()]
+    host = torch.cat(parts, dim=1).tolist()
+
+    result: list[TokenLogprob | None] = []
+    for p, values in zip(params, host, strict=True):
+        if p.logprobs is None:
+            result.append(None)
+            continue
+        k = p.logprobs
+        alternatives = [(int(values[2 + j]), values[2 + max_k + j]) for j in range(k)]
+        result.append(TokenLogprob(token_id=int(values[0]), logprob=values[1], top_logprobs=alternatives))
+    return result

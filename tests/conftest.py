@@ -1,0 +1,48 @@
+"""Shared fixtures. Expensive artifacts (tokenizer, tiny model directories) are built once per
+session into pytest's temporary directory, then loaded the way a hub checkpoint would be."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.demo_model import build_model_dir, build_tokenizer
+
+ModelDirFactory = Callable[..., Path]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The test models are tiny: intra-op threads cost more than they save, and on a loaded CI box
+    # multi-threaded matmuls of 64-wide tensors slow down by 10x or more while threads spin.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+    """The byte-level BPE test tokenizer, reloaded from disk through AutoTokenizer."""
+    save_dir = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(save_dir)
+    return AutoTokenizer.from_pretrained(save_dir)
+
+
+@pytest.fixture(scope="session")
+def model_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> ModelDirFactory:
+    """`model_dir_factory(arch="llama", **config_overrides) -> Path` of a tiny saved model.
+
+    Each distinct (arch, overrides) is built once per session and shared: treat the directory
+    as read-only.
+    """
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama", **config_overrides: Any) -> Path:
+        key = f"{arch}-{sorted(config_overrides.items())!r}"
+        if key not in built:
+            built[key] = build_model_dir(tmp_path_factory.mktemp(f"model-{arch}"), arch, **config_overrides)
+        return built[key]
+
+    return make

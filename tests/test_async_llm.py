@@ -1,0 +1,89 @@
+"""AsyncLLM: streamed outputs as they are sampled, aborts that free blocks, concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import AsyncLLM, LLM, OutputKind, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dir_factory):
+    return model_dir_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def async_llm(model_dir):
+    engine = AsyncLLM(model=str(model_dir), device="cpu", max_model_len=512, num_kv_blocks=128)
+    yield engine
+    engine.close()
+
+
+def _idle(engine: AsyncLLM) -> bool:
+    stats = engine.stats()
+    return stats["kv_blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+async def _wait_idle(engine: AsyncLLM) -> None:
+    for _ in range(200):
+        if _idle(engine):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine did not go idle: {engine.stats()}")
+
+
+async def test_stream_deltas_concatenate_to_the_offline_result(async_llm, model_dir):
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=24, n=2, output_kind=OutputKind.DELTA)
+    texts, ids, finishes, steps = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}, 0
+    async for out in async_llm.generate("Grüße 🚀", params, "stream-1"):
+        steps += 1
+        for completion in out.outputs:
+            texts[completion.index] += completion.text
+            ids[completion.index] += completion.token_ids
+            if completion.finish_reason:
+                finishes[completion.index].append(completion.finish_reason)
+    assert steps > 2  # tokens arrived step by step, not all at the end
+    assert finishes == {0: ["length"], 1: ["length"]}  # exactly one finish per sample
+    offline = LLM(model=str(model_dir), device="cpu", max_model_len=512, num_kv_blocks=128)
+    (expected,) = offline.generate("Grüße 🚀", SamplingParams(temperature=1.0, seed=5, max_tokens=24, n=2))
+    for completion in expected.outputs:
+        assert ids[completion.index] == completion.token_ids
+        assert texts[completion.index] == completion.text
+    await _wait_idle(async_llm)
+
+
+async def test_closing_the_stream_aborts_and_frees_blocks(async_llm):
+    params = SamplingParams(max_tokens=400, ignore_eos=True, output_kind=OutputKind.DELTA)
+    stream = async_llm.generate(list(range(20, 80)), params, "to-abort")
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 3:
+            assert async_llm.stats()["kv_blocks_used"] > 0
+            break
+    await stream.aclose()
+    await _wait_idle(async_llm)
+
+
+async def test_concurrent_streams_each_get_their_own_max_tokens(async_llm):
+    async def run(i: int) -> int:
+        params = SamplingParams(max_tokens=5 + i, ignore_eos=True, output_kind=OutputKind.DELTA)
+        count = 0
+        async for out in async_llm.generate(f"request {i} ✓", params, f"conc-{i}"):
+            count += len(out.outputs[0].token_ids) if out.outputs else 0
+        return count
+
+    counts = await asyncio.gather(*(run(i) for i in range(12)))
+    assert counts == [5 + i for i in range(12)]
+    await _wait_idle(async_llm)
+
+
+async def test_invalid_request_raises_before_streaming_and_engine_keeps_serving(async_llm):
+    with pytest.raises(ValueError, match="maximum context length is 512"):
+        async for _ in async_llm.generate(list(range(500)), SamplingParams(max_tokens=100), "too-long"):
+            pass
+    async for out in async_llm.generate("still alive", SamplingParams(max_tokens=2), "after-error"):
+        last = out
+    assert last.finished and async_llm.is_alive
