@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import APIError
+from api.metrics import read_engine_stats
 
 RETRY_AFTER_S = 1  # the queue turns over in about a decode step per request; 1 s is the HTTP minimum
 
@@ -32,7 +33,7 @@ class Admission:
         thread picks it up, so a burst would all see a short queue. Requests this server admitted
         beyond those the engine runs are waiting too, whichever count is higher wins.
         """
-        stats = self.engine.stats()
+        stats = read_engine_stats(self.engine)
         return max(int(stats.get("num_waiting", 0)), self.num_active - int(stats.get("num_running", 0)))
 
     def admit(self, num_requests: int = 1) -> None:

@@ -171,6 +171,8 @@ async def _validation_error_handler(request: Request, exc: Exception) -> JSONRes
 async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+    if exc.status_code == 400 and "parsing the body" in message:  # FastAPI's words for an undecodable body
+        message = "We could not parse the JSON body of your request."
     if exc.status_code == 404:
         message = f"Unknown path: {request.method} {request.url.path}"
     return APIError(exc.status_code, message, headers=exc.headers).response()

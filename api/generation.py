@@ -21,6 +21,7 @@ from starlette.requests import Request
 from api.admission import Admission
 from api.errors import APIError, bad_request_from_value_error
 from api.metrics import RequestTracker, ServerMetrics
+from engine.async_llm import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -103,7 +104,7 @@ async def open_stream(
             raise bad_request_from_value_error(error, default_param=prompt_param) from None
         if isinstance(error, StopAsyncIteration):
             raise RuntimeError("the engine ended a request without any output") from None
-        if type(error).__name__ == "EngineDeadError":
+        if isinstance(error, EngineDeadError):
             raise APIError(503, "The inference engine is not running.", code="engine_dead") from None
         raise
     tracker.on_output(first)

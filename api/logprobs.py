@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from engine.outputs import TokenLogprob
@@ -16,18 +17,73 @@ def _finite(logprob: float) -> float:
 
 
 class TokenText:
-    """Each token id's text on its own, decoded once and cached (the vocabulary bounds the cache)."""
+    """Each token id's text and raw bytes on its own, computed once and cached (the vocabulary
+    bounds the caches).
+
+    The text of a token that holds part of a multi-byte character decodes to U+FFFD; its bytes are
+    still exact (from the byte-level vocabulary, or a `<0xNN>` byte-fallback token), which is what
+    OpenAI's `bytes` field is for: clients join them to rebuild the characters.
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+        self._byte_level = _is_byte_level(tokenizer)
 
     def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
+        text = self._text.get(token_id)
         if text is None:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
+            self._text[token_id] = text
         return text
+
+    def raw_bytes(self, token_id: int) -> list[int]:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = list(self._raw_bytes(token_id))
+            self._bytes[token_id] = raw
+        return raw
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            if fallback:
+                return bytes([int(fallback.group(1), 16)])
+            if (
+                self._byte_level
+                and token_id not in self.tokenizer.all_special_ids
+                and all(c in _BYTE_DECODER for c in piece)
+            ):
+                return bytes(_BYTE_DECODER[c] for c in piece)
+        return self(token_id).encode("utf-8")
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable character table, which byte-level BPE vocabularies use."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:

@@ -15,62 +15,25 @@ from engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
-_TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    40.0,
-)
-_ITL_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.04,
-    0.05,
-    0.075,
-    0.1,
-    0.2,
-    0.4,
-    0.8,
-    1.6,
-    5.0,
-)
-_REQUEST_BUCKETS = (
-    0.01,
-    0.05,
-    0.1,
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    60.0,
-    120.0,
-)
+# fmt: off
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                 20.0, 40.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.8, 1.6,
+                5.0)
+_REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0,
+                    120.0)
+# fmt: on
+
+
+def read_engine_stats(engine: Any) -> dict[str, int]:
+    """engine.stats(), read from the event loop while the engine thread mutates what it reads."""
+    for _ in range(2):
+        try:
+            return engine.stats()
+        except RuntimeError:
+            # A read that races a step may see a dict change size; the next one sees it settled.
+            continue
+    return engine.stats()
 
 
 class _EngineCollector(Collector):
@@ -80,12 +43,15 @@ class _EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
-        if stats is None:
+        try:
+            stats = read_engine_stats(self.engine)
+        except Exception:  # a dead engine must not take /metrics down with it
+            logger.exception("engine.stats() failed")
             return
         gauges = {
-            "sluice_requests_running": ("Requests in the running batch.", "num_running"),
-            "sluice_requests_waiting": ("Requests waiting to be scheduled.", "num_waiting"),
+            # The engine schedules sequences: a request with n samples counts n times here.
+            "sluice_requests_running": ("Sequences in the running batch.", "num_running"),
+            "sluice_requests_waiting": ("Sequences waiting to be scheduled.", "num_waiting"),
             "sluice_kv_blocks_used": ("KV cache blocks in use.", "kv_blocks_used"),
             "sluice_kv_blocks_total": ("KV cache blocks in the pool.", "kv_blocks_total"),
         }
@@ -96,19 +62,6 @@ class _EngineCollector(Collector):
             "Requests preempted for lack of KV blocks.",
             value=stats.get("num_preemptions", 0),
         )
-
-    def _stats(self) -> dict[str, int] | None:
-        # The engine thread mutates what stats() reads; a scrape that races a step may see a dict
-        # change size, and the next try sees a consistent one.
-        for _ in range(3):
-            try:
-                return self.engine.stats()
-            except RuntimeError:
-                continue
-            except Exception:  # a dead engine must not take /metrics down with it
-                logger.exception("engine.stats() failed")
-                return None
-        return None
 
 
 class ServerMetrics:
@@ -180,7 +133,7 @@ class RequestTracker:
         if self.last_output_time is None:
             self.metrics.prompt_tokens.inc(len(output.prompt_token_ids))
             self.metrics.ttft.observe(now - self.arrival_time)
-            queue_time = _queue_time(output)
+            queue_time = output.queue_time
             if queue_time is not None:
                 self.metrics.queue_time.observe(queue_time)
         elif new_tokens:
@@ -205,18 +158,3 @@ class RequestTracker:
             reason = next((r for r in ("abort", "length", "stop") if r in reasons), "stop")
         self.metrics.requests.labels(finish_reason=reason).inc()
         self.metrics.e2e.observe(time.monotonic() - self.arrival_time)
-
-
-def _queue_time(output: RequestOutput) -> float | None:
-    """Queue time when the engine reports it (RequestOutput.metrics); the API cannot see it itself."""
-    request_metrics = getattr(output, "metrics", None)
-    if request_metrics is None:
-        return None
-    queue_time = getattr(request_metrics, "queue_time", None)
-    if queue_time is not None:
-        return float(queue_time)
-    arrival = getattr(request_metrics, "arrival_time", None)
-    scheduled = getattr(request_metrics, "first_scheduled_time", None)
-    if arrival is None or scheduled is None:
-        return None
-    return max(0.0, float(scheduled) - float(arrival))

@@ -16,13 +16,13 @@ def _card(state: ServerState) -> ModelCard:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_card(get_state(request))])
 
 
 # `:path` because hub ids contain a slash ("Qwen/Qwen3-0.6B").
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404))
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404, 503))
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     state = get_state(request)
     state.check_model(model_id)

@@ -17,6 +17,11 @@ from api.protocol import ErrorResponse
 
 class ServerState:
     def __init__(self, engine: Any, *, max_waiting_requests: int | None = None) -> None:
+        if engine.tokenizer is None:
+            # Chat templates, text prompts, stop strings and logprob tokens all need it.
+            raise ValueError(
+                "The OpenAI server needs the model's tokenizer; start the engine without skip_tokenizer_init"
+            )
         self.engine = engine
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len

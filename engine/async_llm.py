@@ -33,6 +33,7 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: list[tuple[str, Any]] = []

@@ -183,7 +183,7 @@ TINY_MODEL_DIMS: dict[str, Any] = {
     "max_position_embeddings": 2048,
 }
 
-# The demo model: a small Qwen3 (about 14M parameters with the tokenizer above).
+# The demo model: a small Qwen3 (about 13M parameters with the tokenizer above, tied embeddings).
 DEMO_MODEL_DIMS: dict[str, Any] = {
     "hidden_size": 384,
     "intermediate_size": 1024,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
@@ -12,10 +13,11 @@ from engine.kv_cache import KVCacheManager
 from engine.loader import load
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.sampler import make_generator
 from engine.sampling_params import OutputKind, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.structured_outputs import GrammarManager, SequenceGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, UserRequest] = {}
         self.prompt_tokens_total = 0
+        self.num_pending_samples = 0  # n > 1 siblings not yet handed to the scheduler
         self.generation_tokens_total = 0
+        # Built on the first constrained request (it needs xgrammar, an optional dependency).
+        self._grammar_manager: GrammarManager | None = None
+        self._grammar_manager_lock = threading.Lock()
+        self._num_constrained = 0  # unfinished constrained sequences; 0 keeps the step free of grammar work
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -103,6 +110,11 @@ class LLMEngine:
                 f"Invalid value for 'max_tokens': prompt plus max_tokens needs {blocks} KV blocks but the whole "
                 f"cache has {self.kv_cache.num_blocks}; lower max_tokens or the prompt length"
             )
+        # Compiled here, before the request enters the engine, so an invalid constraint is a ValueError.
+        compiled_grammar = None
+        if params.structured_outputs is not None:
+            grammar_manager = self._get_grammar_manager()
+            compiled_grammar = grammar_manager.compile(params.structured_outputs)
         user_request = UserRequest(request_id, prompt_text, prompt_ids, params)
         for index in range(params.n):
             sequence = Request(
@@ -114,6 +126,8 @@ class LLMEngine:
             )
             if params.seed is not None:
                 sequence.generator = make_generator(params.seed + index, self.device)
+            if compiled_grammar is not None:
+                sequence.grammar = grammar_manager.new_sequence_grammar(compiled_grammar)  # one per sample
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(
@@ -121,6 +135,7 @@ class LLMEngine:
                     skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 )
             user_request.samples.append(_Sample(sequence, detokenizer))
         return user_request
@@ -132,15 +147,34 @@ class LLMEngine:
             )
         self.requests[user_request.request_id] = user_request
         self.prompt_tokens_total += len(user_request.prompt_token_ids)
+        self._num_constrained += sum(s.sequence.grammar is not None for s in user_request.samples)
         sequences = [s.sequence for s in user_request.samples]
         # With prefix caching, siblings wait until the first sample has computed the prompt, then
         # reuse its blocks instead of computing the same prompt n times.
         if self.config.enable_prefix_caching and len(sequences) > 1:
             self.scheduler.add(sequences[0])
             user_request.pending = sequences[1:]
+            self.num_pending_samples += len(user_request.pending)
         else:
             for sequence in sequences:
                 self.scheduler.add(sequence)
+
+    def _get_grammar_manager(self) -> GrammarManager:
+        with self._grammar_manager_lock:
+            if self._grammar_manager is None:
+                if self.tokenizer is None:
+                    raise ValueError(
+                        "Invalid value for 'structured_outputs': this engine was started without a "
+                        "tokenizer, which constrained decoding needs"
+                    )
+                self._grammar_manager = GrammarManager(
+                    self.tokenizer,
+                    vocab_size=self.vocab_size,
+                    stop_token_ids=self.eos_token_ids,
+                    max_rows=self.config.max_num_seqs,
+                    device=self.device,
+                )
+            return self._grammar_manager
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         self.add_processed(self.process_request(request_id, prompt, params or SamplingParams()))
@@ -149,9 +183,15 @@ class LLMEngine:
         user_request = self.requests.pop(request_id, None)
         if user_request is None:
             return None
+        pending = {id(s) for s in user_request.pending}
         for sample in user_request.samples:
-            if not sample.sequence.is_finished:
-                self._finish(sample.sequence, "abort")
+            sequence = sample.sequence
+            if id(sequence) in pending:  # never reached the scheduler: nothing to free
+                sequence.status = RequestStatus.FINISHED
+                sequence.finish_reason = "abort"
+            elif not sequence.is_finished:
+                self._finish(sequence, "abort")
+        self.num_pending_samples -= len(user_request.pending)
         user_request.pending = []
         return self._make_output(user_request)
 
@@ -164,7 +204,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        result = self.runner.execute(batch)
+        grammars = self._grammars_of_sampled_rows(batch) if self._num_constrained else None
+        self.runner.sampler.next_row_grammars = grammars
+        try:
+            result = self.runner.execute(batch)
+        finally:
+            self.runner.sampler.next_row_grammars = None  # also when the step sampled nothing
+        assert grammars is None or len(grammars) == len(result.sampled_requests)
         self.scheduler.mark_computed(batch)
         touched: dict[str, UserRequest] = {}
         logprobs = result.logprobs or [None] * len(result.token_ids)
@@ -183,6 +229,19 @@ class LLMEngine:
                 del self.requests[user_request.request_id]
         return outputs
 
+    @staticmethod
+    def _grammars_of_sampled_rows(batch: ScheduledBatch) -> list[SequenceGrammar | None] | None:
+        """The grammars of the rows the runner will sample, in its row order; None if all are None.
+
+        A request is sampled when its scheduled slice reaches the end of its tokens (see Request).
+        """
+        grammars = [
+            request.grammar
+            for request, num_new in zip(batch.requests, batch.num_new_tokens)
+            if request.num_computed_tokens + num_new == request.num_tokens
+        ]
+        return grammars if any(g is not None for g in grammars) else None
+
     def _append_token(self, sequence: Request, token_id: int, token_logprob) -> None:
         params = sequence.params
         sequence.output_token_ids.append(token_id)
@@ -191,6 +250,18 @@ class LLMEngine:
             sequence.cumulative_logprob += token_logprob.logprob
         sample = self.requests[sequence.user_request_id].samples[sequence.sample_index]
         num_output = len(sequence.output_token_ids)
+        grammar = sequence.grammar
+        if grammar is not None:
+            if not grammar.accept(token_id):
+                # The mask allows only grammar tokens, so this is a bug; end this output, not the engine.
+                logger.error("Token %d broke the grammar of %s; aborting it", token_id, sequence.request_id)
+                self._finish(sequence, "abort")
+                return
+            # Terminated: the output is complete and the grammar's stop token (an EOS id) was sampled.
+            # Ends the output even with ignore_eos or min_tokens, since the grammar allows nothing more.
+            if grammar.is_terminated():
+                self._finish(sequence, "stop")
+                return
         if not params.ignore_eos and token_id in params.eos_token_ids and num_output >= params.min_tokens:
             self._finish(sequence, "stop")
             return
@@ -208,6 +279,9 @@ class LLMEngine:
     def _finish(self, sequence: Request, reason: str, stop_reason: str | int | None = None) -> None:
         sequence.finish_reason = reason
         sequence.stop_reason = stop_reason
+        if sequence.grammar is not None:
+            sequence.grammar = None  # frees the matcher now rather than with the request
+            self._num_constrained -= 1
         self.scheduler.finish(sequence)
 
     def _release_pending(self, user_request: UserRequest) -> None:
@@ -217,6 +291,7 @@ class LLMEngine:
         ):
             for sequence in reversed(user_request.pending):
                 self.scheduler.add(sequence, front=True)
+            self.num_pending_samples -= len(user_request.pending)
             user_request.pending = []
 
     # ---- outputs -----------------------------------------------------------------------------
@@ -232,6 +307,9 @@ class LLMEngine:
             done = sequence.is_finished
             if sample.detokenizer is not None:
                 sample.text += sample.detokenizer.take_new_text(finished=done)
+                # The final flush can complete a stop string (a character cut at max_tokens).
+                if done and sequence.finish_reason == "length" and sample.detokenizer.stop_reason is not None:
+                    sequence.finish_reason, sequence.stop_reason = "stop", sample.detokenizer.stop_reason
             if kind == OutputKind.DELTA:
                 new_tokens = sequence.output_token_ids[sample.num_sent_tokens :]
                 new_text = sample.text[sample.num_sent_text :]
@@ -269,18 +347,20 @@ class LLMEngine:
             finished=finished,
             num_cached_tokens=first.num_cached_tokens,
             num_generated_tokens=sum(len(s.sequence.output_token_ids) for s in user_request.samples),
+            queue_time=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
         )
 
     # ---- introspection -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
+        """Counters and gauges; plain reads, safe to call from another thread."""
         free = self.kv_cache.num_free_blocks
         return {
             "kv_blocks_total": self.kv_cache.num_blocks,
             "kv_blocks_free": free,
             "kv_blocks_used": self.kv_cache.num_blocks - free,
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting) + sum(len(r.pending) for r in self.requests.values()),
+            "num_waiting": len(self.scheduler.waiting) + self.num_pending_samples,
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,

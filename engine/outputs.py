@@ -40,3 +40,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Tokens generated so far over all samples, whatever the output kind.
     num_generated_tokens: int = 0
+    # Seconds from arrival to first scheduling; None until the request has been scheduled.
+    queue_time: float | None = None

@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured_outputs import SequenceGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -34,6 +38,7 @@ class Request:
     user_request_id: str = ""  # the request this sequence is one sample of
     sample_index: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     cumulative_logprob: float = 0.0
@@ -45,6 +50,9 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None
+    # The constraint's matcher when params.structured_outputs is set; it advances with each sampled
+    # token and, like the output ids, survives preemption (which recomputes K/V, not tokens).
+    grammar: SequenceGrammar | None = None
     num_preemptions: int = 0
 
     @property

@@ -8,7 +8,8 @@ else shares the batch).
 Order of operations, per row (each stage is skipped when no row in the batch uses it):
   raw logits (fp32, columns >= vocab_size dropped) -> logprobs of the raw distribution
   -> logit_bias -> min_tokens masking -> repetition penalty -> frequency/presence penalties
-  -> greedy: argmax | random: / temperature -> min_p -> top_k -> top_p -> exponential race.
+  -> grammar mask (constrained rows only) -> greedy: argmax | random: / temperature -> min_p -> top_k
+  -> top_p -> exponential race.
 Each filter acts on the distribution the previous filters left (renormalized), as transformers'
 warpers and vLLM do.
 """
@@ -17,12 +18,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured_outputs import SequenceGrammar
 
 
 @dataclass
@@ -35,6 +40,8 @@ class SamplingRow:
     output_token_ids: list[int]
     # The sequence's own generator (on the logits' device) when params.seed is set, else None.
     generator: torch.Generator | None = None
+    # The sequence's grammar matcher when its output is constrained (params.structured_outputs).
+    grammar: SequenceGrammar | None = None
 
 
 @dataclass
@@ -55,12 +62,22 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         assert vocab_size > 0
         self.vocab_size = vocab_size
+        # Grammars for the rows of the next call, in row order, set by the engine just before a step:
+        # the model runner builds the SamplingRows and does not know about grammars. Rows that already
+        # carry a grammar keep it. Consumed (reset to None) by the call.
+        self.next_row_grammars: list[SequenceGrammar | None] | None = None
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         assert logits.shape[1] >= self.vocab_size, (logits.shape[1], self.vocab_size)
         device = logits.device
         num_rows, vocab = logits.shape[0], self.vocab_size
+        if self.next_row_grammars is not None:
+            grammars, self.next_row_grammars = self.next_row_grammars, None
+            assert len(grammars) == num_rows, (len(grammars), num_rows)
+            for row, grammar in zip(rows, grammars):
+                if row.grammar is None:
+                    row.grammar = grammar
 
         # Padded embedding columns can never be sampled: dropping them is the same as masking them
         # to -inf, and keeps every later tensor (and each seeded row's noise draw) vocab_size wide.
@@ -76,6 +93,9 @@ class Sampler:
         self._apply_logit_bias(processed, rows)
         self._apply_min_tokens(processed, rows)
         self._apply_penalties(processed, rows)
+        # Last of the processors, so that greedy and random selection (and every filter) only ever
+        # see tokens the grammar allows; the logprobs above stay those of the raw distribution.
+        self._apply_grammars(processed, rows)
 
         greedy = [p.greedy for p in params]
         if all(greedy):
@@ -114,7 +134,9 @@ class Sampler:
         token_idx: list[int] = []
         for i, row in enumerate(rows):
             p = row.params
-            if len(row.output_token_ids) >= p.min_tokens:
+            # A constrained output ends when its grammar is complete: the grammar then allows only
+            # EOS, and banning EOS too would leave no token at all.
+            if len(row.output_token_ids) >= p.min_tokens or row.grammar is not None:
                 continue
             banned = set(p.stop_token_ids or ())
             if not p.ignore_eos:
@@ -164,6 +186,14 @@ class Sampler:
             )
             frequency, presence = coeffs[:, 0:1], coeffs[:, 1:2]
             logits.sub_(frequency * output_counts + presence * (output_counts > 0).float())
+
+    def _apply_grammars(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if not constrained:
+            return
+        grammars = [rows[i].grammar for i in constrained]
+        # One manager per engine, so one call fills and applies the masks of all constrained rows.
+        grammars[0].manager.apply_bitmask(logits, constrained, grammars)
 
     # ----- random sampling (7-8) ----------------------------------------------------------------------
 

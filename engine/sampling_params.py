@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -41,6 +43,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: OutputKind = OutputKind.CUMULATIVE
+    # Constrains the output to a JSON schema, any JSON object, a regex, a choice or a grammar.
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine from the tokenizer and generation_config; not a user setting.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
@@ -96,6 +100,11 @@ class SamplingParams:
                 "logprobs",
                 f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
             )
+        _check(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs",
+            f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ is recomputed later from its prompt and the tokens it had already generated.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -81,7 +82,8 @@ class Scheduler:
             if not self.kv_cache.allocate(request, num_new, cached_blocks):
                 break
             self.waiting.popleft()
-            if request.num_preemptions == 0:
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
                 request.num_cached_tokens = num_cached
             self.prefix_cache_hit_tokens += num_cached
             request.status = RequestStatus.RUNNING

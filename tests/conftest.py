@@ -7,8 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton decides at @triton.jit time whether kernels run in its interpreter, so this must be
+    # set before anything (the engine, transformers, torch._dynamo) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.demo_model import build_model_dir, build_tokenizer

@@ -237,3 +237,11 @@ def test_random_stops_and_chunkings_match_the_oracle(tokenizer, include_stop_str
         outcome = (detokenizer.stop_reason, detokenizer.text)
         assert outcome == (expected_reason, expected_text), (token_ids, stops)
         assert "".join(deltas) == expected_text
+
+
+def test_a_raw_tokenizers_tokenizer_works_too(tokenizer) -> None:
+    token_ids = tokenizer.encode(NON_ASCII_TEXTS[3] + "<|im_end|>")
+    for skip in (True, False):
+        detokenizer = IncrementalDetokenizer(tokenizer.backend_tokenizer, skip_special_tokens=skip)
+        expected = tokenizer.decode(token_ids, skip_special_tokens=skip)
+        assert "".join(stream(detokenizer, token_ids)) == expected

@@ -118,3 +118,15 @@ def test_prefix_cache_hits_keep_outputs_exact(model_dir_factory):
     # Each later prompt reused the 3 full blocks of the shared 48-token prefix.
     assert llm.stats()["prefix_cache_hit_tokens"] == 3 * 48
     assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+
+
+@pytest.mark.triton
+def test_triton_backend_matches_generate(model_dir_factory):
+    """The Triton kernels inside the real model (interpreted on the CPU, native on a GPU)."""
+    pytest.importorskip("triton")
+    model_dir = model_dir_factory("llama")
+    vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+    prompts = _random_prompts(vocab, [5, 21, 2], seed=3)
+    expected = _oracle(model_dir, prompts, 4)
+    llm = _llm(model_dir, attention_backend="triton", max_num_batched_tokens=16)
+    assert _engine_tokens(llm, prompts, 4) == expected

@@ -6,7 +6,6 @@ from types import ModuleType
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from engine.attention import reference
 from engine.attention.metadata import get_forward_context
@@ -48,11 +47,12 @@ def paged_attention_forward(
     return out.unsqueeze(0), None  # transformers expects [1, T, num_heads, head_dim]
 
 
-def _no_mask(*args, **kwargs) -> None:
-    # Paged attention derives causality from the metadata; a dense mask would only cost memory.
-    return None
-
-
 def register() -> None:
+    """Make ATTN_IMPLEMENTATION a valid `attn_implementation` for every transformers model.
+
+    No mask function is registered on purpose: for an implementation without one, transformers'
+    mask creation returns None at once (5.17 and later). Registering even a function that returns
+    None makes it first scan position_ids for packed sequences, a host sync on every forward that
+    also breaks CUDA-graph capture. Paged attention takes causality from the metadata instead.
+    """
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

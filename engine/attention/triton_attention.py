@@ -472,21 +472,26 @@ def _launch_config(block_d: int, group_pad: int, max_query_len: int, dtype: torc
 
     Picked from a sweep on an H200 (benchmarks/attention_kernels.py --sweep) with bf16, head_dim
     128. Shared memory per pipeline stage is about 2 * block_n * block_d * itemsize (a K and a V
-    tile) on top of the Q tile; every choice stays well under the H100's 227 KB, fp32 and
-    head_dim 256 included.
+    tile) on top of the Q tile; every choice fits the H100's 227 KB, fp32 and head_dim 256
+    included (the 128 x 64 head_dim-256 tile is the largest, at about 200 KB).
     """
     wide = dtype == torch.float32  # fp32 tiles take twice the bytes and run off the tensor cores
     if max_query_len <= 1:
         # Decode: one token x the head group per program, memory-bound; the tile is as small as
-        # tl.dot allows. 64-key tiles with 2 stages read fastest (~3.7 TB/s on the H200).
+        # tl.dot allows. 64-key tiles with 2 stages read fastest (~3.5 TB/s on the H200).
         block_m = max(16, group_pad)
         block_n = 32 if wide and block_d >= 256 else 64
         return _LaunchConfig(block_m, block_n, num_warps=4, num_stages=2)
-    # Prefill: 64 rows x 64 keys with 4 warps beat 128-row tiles (~260 vs ~225 TFLOP/s).
-    block_m = max(16, min(64, triton.next_power_of_2(max_query_len) * group_pad))
+    rows = triton.next_power_of_2(max_query_len) * group_pad  # no point in tiles taller than this
+    if block_d >= 256 and not wide and rows >= 128:
+        # head_dim 256: 128 x 64 tiles with 8 warps ran ~285 TFLOP/s against ~228 for 64 x 32
+        # (about 200 KB of shared memory, under the limit on the H100 as on the H200).
+        return _LaunchConfig(128, 64, num_warps=8, num_stages=2)
+    # Prefill at head_dim <= 128: 64 rows x 64 keys with 4 warps beat 128-row tiles (~280 vs
+    # ~225 TFLOP/s); 8 warps on 64-row tiles halved the speed at head_dim 256.
+    block_m = max(16, min(64, rows))
     block_n = 32 if wide or block_d >= 256 else 64
-    num_warps = 8 if block_d >= 256 else 4  # a 64 x 256 fp32 accumulator needs the registers
-    return _LaunchConfig(block_m, block_n, num_warps, num_stages=2)
+    return _LaunchConfig(block_m, block_n, num_warps=4, num_stages=2)
 
 
 def paged_attention(
@@ -500,7 +505,9 @@ def paged_attention(
 
     One kernel serves decode rows and prefill chunks alike. The grid is
     (query blocks of the longest allowed query, kv heads, sequences); programs beyond a sequence's
-    real query length return at once.
+    real query length return at once. Decode-only batches with too few (sequence, kv head) pairs to
+    fill the GPU split each context into key ranges and merge them with a second small kernel.
+    Rows of `query` past query_start_loc[-1] (batch padding) are left unwritten.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]

@@ -1,0 +1,217 @@
+"""The engine on an NVIDIA GPU: Triton attention and CUDA-graphed decode keep greedy parity.
+
+float32: exactly the token ids of transformers' own greedy `generate` on each prompt alone.
+bfloat16: the same, except that the first divergence may fall on a near-tie of transformers'
+logits (rounding in bf16 decides those); comparison stops there. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+if TYPE_CHECKING:
+    from engine import LLM
+
+# The engine is imported inside the tests: importing it pulls in triton (through torch._dynamo),
+# and on a CPU the Triton tests collected after this module need TRITON_INTERPRET set first.
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs an NVIDIA GPU: torch.cuda.is_available() is False"
+    ),
+]
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+PROMPT_LENGTHS = [3, 17, 40, 9, 64, 1, 25, 33, 50, 130]
+MAX_TOKENS = 16
+# Small caps keep CUDA-graph capture quick (buckets 1..16) and an explicit pool keeps each engine
+# from profiling and taking 90% of the card.
+ENGINE_SETTINGS = dict(device="cuda", attention_backend="triton", max_num_seqs=16, max_model_len=512)
+NUM_KV_BLOCKS = 256
+# A near-tie in bf16: transformers' top-2 logits at most this far apart, or at most a few bf16 steps
+# at their magnitude: logits of size 8..16 are only representable to 1/16, and two bf16 forward
+# passes that add in different orders land a few steps apart. (The tiny test models' top-2 gap is
+# about 1 on average, so a wrong token still almost always fails.)
+BF16_TIE_MARGIN = 0.05
+BF16_TIE_STEPS = 4
+
+
+def _random_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Ids away from both ends of the vocabulary: no special tokens, so no prompt holds an EOS.
+    return [[rng.randrange(10, vocab_size - 10) for _ in range(n)] for n in lengths]
+
+
+def _transformers_greedy(
+    model_dir, prompts: list[list[int]], dtype: torch.dtype
+) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """Per prompt alone: transformers' greedy ids and the raw logits of each step."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
+    eos = model.generation_config.eos_token_id
+    results = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([prompt], device="cuda"),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                pad_token_id=eos,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        ids = out.sequences[0, len(prompt) :].tolist()
+        results.append((ids, [step[0].float().cpu() for step in out.logits]))
+    del model
+    torch.cuda.empty_cache()
+    return results
+
+
+def _engine(model_dir, dtype: str, **overrides) -> LLM:
+    from engine import LLM
+
+    settings = {**ENGINE_SETTINGS, "num_kv_blocks": NUM_KV_BLOCKS, **overrides}
+    llm = LLM(model=str(model_dir), dtype=dtype, **settings)
+    runner = llm.engine.runner
+    assert runner.backend == "triton"
+    assert runner.graph_runner is not None, "CUDA graphs should be on by default on CUDA"
+    return llm
+
+
+def _count_graph_replays(llm: LLM) -> list[int]:
+    """Counts decode steps that replayed a CUDA graph (so the test proves graphs ran)."""
+    counter = [0]
+    graph_runner = llm.engine.runner.graph_runner
+    run = graph_runner.run
+
+    def counting_run(*args, **kwargs):
+        counter[0] += 1
+        return run(*args, **kwargs)
+
+    graph_runner.run = counting_run
+    return counter
+
+
+def _engine_greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    from engine import SamplingParams
+
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _all_blocks_free(llm: LLM) -> bool:
+    stats = llm.stats()
+    return stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_running"] == 0
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_case(request, model_dir_factory):
+    model_dir = model_dir_factory(request.param)
+    vocab_size = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+    prompts = _random_prompts(vocab_size, PROMPT_LENGTHS, seed=len(request.param))
+    return model_dir, prompts
+
+
+@pytest.fixture(scope="module")
+def float32_expected(arch_case):
+    model_dir, prompts = arch_case
+    return [ids for ids, _ in _transformers_greedy(model_dir, prompts, torch.float32)]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="one-batch"),
+        # 12 blocks of 16 tokens hold the longest request (146 tokens) but nowhere near all ten, and
+        # a 32-token budget splits the long prompts: preemption and chunked prefill on the GPU too.
+        pytest.param(
+            {"num_kv_blocks": 12, "max_num_batched_tokens": 32, "enable_prefix_caching": False},
+            id="preempt-and-chunk",
+        ),
+    ],
+)
+def test_float32_greedy_matches_transformers_exactly(arch_case, float32_expected, overrides):
+    model_dir, prompts = arch_case
+    llm = _engine(model_dir, "float32", **overrides)
+    replays = _count_graph_replays(llm)
+    got = _engine_greedy(llm, prompts)
+    for index, (engine_ids, expected_ids) in enumerate(zip(got, float32_expected)):
+        assert engine_ids == expected_ids, f"prompt {index} (length {len(prompts[index])}) diverges"
+    assert replays[0] > 0, "no decode step replayed a CUDA graph"
+    if "num_kv_blocks" in overrides:
+        assert llm.stats()["num_preemptions"] > 0
+    assert _all_blocks_free(llm)
+
+
+def _bf16_step(value: float) -> float:
+    """The spacing of bf16 numbers around value (8 significant bits)."""
+    exponent = torch.frexp(torch.tensor(abs(value) or 1.0)).exponent.item()
+    return 2.0 ** (exponent - 8)
+
+
+def test_bfloat16_greedy_matches_transformers_up_to_a_near_tie(arch_case):
+    model_dir, prompts = arch_case
+    reference = _transformers_greedy(model_dir, prompts, torch.bfloat16)
+    llm = _engine(model_dir, "bfloat16")
+    got = _engine_greedy(llm, prompts)
+    divergences = 0
+    for index, (engine_ids, (expected_ids, logits)) in enumerate(zip(got, reference)):
+        first_diff = next(
+            (j for j, (a, b) in enumerate(zip(engine_ids, expected_ids)) if a != b),
+            None,
+        )
+        if first_diff is None:
+            # Same ids as far as both go; they may only differ in length by an EOS-free run.
+            assert len(engine_ids) == len(expected_ids), (
+                f"prompt {index}: lengths differ without a divergence"
+            )
+            continue
+        divergences += 1
+        step_logits = logits[first_diff]
+        top2 = torch.topk(step_logits, 2)
+        gap = (top2.values[0] - top2.values[1]).item()
+        margin = max(BF16_TIE_MARGIN, BF16_TIE_STEPS * _bf16_step(top2.values[0].item()))
+        chosen = engine_ids[first_diff]
+        assert chosen in top2.indices.tolist(), (
+            f"prompt {index}, step {first_diff}: the engine chose token {chosen}, "
+            f"outside transformers' top 2 {top2.indices.tolist()}"
+        )
+        assert gap <= margin, (
+            f"prompt {index}, step {first_diff}: diverged where transformers' top-2 logits differ "
+            f"by {gap:.4f} (a near-tie is at most {margin:.4f})"
+        )
+    # Rounding may break a tie now and then, but most prompts must agree all the way.
+    assert divergences <= len(prompts) // 2, f"{divergences} of {len(prompts)} prompts diverged"
+    assert _all_blocks_free(llm)
+
+
+def test_every_block_is_free_after_requests_finish_or_abort(model_dir_factory):
+    from engine import SamplingParams
+
+    model_dir = model_dir_factory("qwen3")
+    llm = _engine(model_dir, "bfloat16", num_kv_blocks=64)
+    engine = llm.engine
+    vocab_size = engine.vocab_size
+    prompts = _random_prompts(vocab_size, [5, 40, 70, 18, 33, 2, 90, 12], seed=3)
+    shared = prompts[2][:48]
+    # n > 1 shares the prompt's blocks; a shared prefix hits the prefix cache.
+    llm.generate(prompts, SamplingParams(temperature=1.0, seed=1, max_tokens=20, n=2))
+    for suffix in ([11, 12], [13]):  # one after the other, so the second finds the first's blocks
+        llm.generate(shared + suffix, SamplingParams(temperature=0.0, max_tokens=8))
+    assert llm.stats()["prefix_cache_hit_tokens"] > 0
+    assert _all_blocks_free(llm)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"abort-{i}", prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    for i in range(0, len(prompts), 2):
+        engine.abort_request(f"abort-{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert _all_blocks_free(llm)
