@@ -117,6 +117,15 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply them.
         """
+        if not cached_blocks:  # the common case, every decode step of every request: keep it cheap
+            total = request.num_computed_tokens + num_new_tokens
+            num_new_blocks = -(-total // self.block_size) - len(request.block_ids)
+            if num_new_blocks <= 0:
+                return True
+            if num_new_blocks > self.pool.num_free_blocks:
+                return False
+            request.block_ids.extend(self.pool.allocate(num_new_blocks))
+            return True
         num_cached_tokens = len(cached_blocks) * self.block_size
         total = request.num_computed_tokens + num_cached_tokens + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(request.block_ids) - len(cached_blocks)

@@ -98,7 +98,7 @@ def load(config: EngineConfig) -> LoadedModel:
     model.config._attn_implementation = hf_integration.ATTN_IMPLEMENTATION
     model.eval().requires_grad_(False)
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+    tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or model_path)
     logger.info("Loaded %s on %s in %s (max_model_len %d)", model_path, device, dtype, max_model_len)
     return LoadedModel(
         model=model,
@@ -138,7 +138,7 @@ def _dummy_model(hf_config, dtype: torch.dtype, device: torch.device, seed: int)
 def _eos_token_ids(model_path: str, tokenizer, hf_config) -> frozenset[int]:
     """EOS ids from the tokenizer and generation_config (either may hold a list)."""
     ids: set[int] = set()
-    candidates = [tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)]
+    candidates = [getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)]
     try:
         candidates.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
     except OSError:

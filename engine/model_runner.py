@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata, ForwardContext, forward_context
@@ -173,70 +174,63 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's tensors, built with numpy on the host and sent in two copies (one per dtype).
+
+        This runs every step while the GPU waits, so it avoids per-element Python work where it can.
+        """
+        num_seqs = len(batch)
+        num_new = np.fromiter(batch.num_new_tokens, dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((r.num_computed_tokens for r in batch.requests), dtype=np.int64, count=num_seqs)
+        ends = starts + num_new
+        num_tokens = int(num_new.sum())
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start_loc[1:])
+
         token_ids: list[int] = []
-        starts: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_rows: list[int] = []
         sampled: list[Request] = []
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            start = request.num_computed_tokens
-            end = start + num_new
-            token_ids.extend(_tokens_in_range(request, start, end))
-            starts.append(start)
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(end)
+        sampled_rows: list[int] = []
+        for row, (request, start, end) in enumerate(zip(batch.requests, starts.tolist(), ends.tolist())):
+            if end - start == 1 and start >= request.num_prompt_tokens:
+                token_ids.append(request.output_token_ids[start - request.num_prompt_tokens])
+            else:
+                token_ids.extend(_tokens_in_range(request, start, end))
             if end == request.num_tokens:
-                logits_rows.append(query_start_loc[-1] - 1)
                 sampled.append(request)
-        max_blocks = max(len(r.block_ids) for r in batch.requests)
-        block_tables = torch.tensor(
-            [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in batch.requests], dtype=torch.int32
-        )
-        num_new_tokens = torch.tensor(batch.num_new_tokens)
-        row_of_token = torch.repeat_interleave(torch.arange(len(batch)), num_new_tokens)
-        first_position = torch.tensor(starts) - torch.tensor(query_start_loc[:-1])
-        positions = torch.arange(len(token_ids)) + first_position[row_of_token]
+                sampled_rows.append(row)
+        logits_indices = query_start_loc[1:][sampled_rows] - 1
+
+        block_counts = [len(r.block_ids) for r in batch.requests]
+        max_blocks = max(block_counts)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for row, request in enumerate(batch.requests):
+            block_tables[row, : block_counts[row]] = request.block_ids
+
+        row_of_token = np.repeat(np.arange(num_seqs), num_new)
+        positions = np.arange(num_tokens, dtype=np.int64) + (starts - query_start_loc[:-1])[row_of_token]
         slot_mapping = (
-            block_tables[row_of_token, positions // self.block_size].long() * self.block_size
+            block_tables[row_of_token, positions // self.block_size].astype(np.int64) * self.block_size
             + positions % self.block_size
         )
-        # Two host-to-device copies per step (one per dtype) instead of one per tensor.
-        num_tokens, num_seqs, num_sampled = len(token_ids), len(batch), len(logits_rows)
+
         longs = _to_device(
-            torch.cat(
-                [
-                    torch.tensor(token_ids),
-                    positions,
-                    slot_mapping,
-                    torch.tensor(logits_rows, dtype=torch.long),
-                ]
-            ),
+            np.concatenate([np.asarray(token_ids, dtype=np.int64), positions, slot_mapping, logits_indices]),
             self.device,
         )
         ints = _to_device(
-            torch.cat(
-                [
-                    torch.tensor(query_start_loc, dtype=torch.int32),
-                    torch.tensor(seq_lens, dtype=torch.int32),
-                    block_tables.flatten(),
-                ]
-            ),
+            np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()]),
             self.device,
         )
-        input_ids, positions_d, slots_d, logits_d = longs.split(
-            [num_tokens, num_tokens, num_tokens, num_sampled]
-        )
-        qsl_d, seq_lens_d, tables_d = ints.split([num_seqs + 1, num_seqs, block_tables.numel()])
+        input_ids, positions_d, slots_d, logits_d = longs.split([num_tokens, num_tokens, num_tokens, len(sampled)])
+        qsl_d, seq_lens_d, tables_d = ints.split([num_seqs + 1, num_seqs, block_tables.size])
         metadata = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d,
             seq_lens=seq_lens_d,
             block_tables=tables_d.view(num_seqs, max_blocks),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-            query_start_loc_host=query_start_loc,
-            seq_lens_host=seq_lens,
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(ends.max()),
+            query_start_loc_host=query_start_loc.tolist(),
+            seq_lens_host=ends.tolist(),
         )
         return StepInputs(
             input_ids=input_ids,
@@ -245,7 +239,7 @@ class ModelRunner:
             logits_indices=logits_d,
             sampled_requests=sampled,
             # Every row decodes one token and is sampled: the shape a captured CUDA graph expects.
-            is_decode_only=num_tokens == num_seqs == num_sampled,
+            is_decode_only=num_tokens == num_seqs == len(sampled),
         )
 
     @torch.inference_mode()
@@ -282,7 +276,8 @@ class ModelRunner:
         return StepResult(inputs.sampled_requests, output.token_ids.tolist(), output.logprobs)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
     return tensor if device.type == "cpu" else tensor.to(device)
 
 

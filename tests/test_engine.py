@@ -192,3 +192,13 @@ def test_abort_frees_every_block_running_or_waiting(llm):
         engine.abort_request(f"abort-{i}")
     assert not engine.has_unfinished_requests()
     assert _all_blocks_free(llm)
+
+
+def test_abort_of_n_samples_before_their_prompt_is_computed(llm):
+    engine: LLMEngine = llm.engine
+    engine.add_request("n-abort", list(range(30, 90)), SamplingParams(n=3, max_tokens=5))
+    assert llm.stats()["num_waiting"] == 3  # sample 0 queued, samples 1-2 wait for its prompt blocks
+    final = engine.abort_request("n-abort")
+    assert sorted(c.finish_reason for c in final.outputs) == ["abort"] * 3
+    assert not engine.has_unfinished_requests() and _all_blocks_free(llm)
+    assert llm.stats()["num_waiting"] == 0
