@@ -15,9 +15,7 @@ class Admission:
 
     def __init__(self, engine: Any, max_waiting_requests: int | None = None) -> None:
         if max_waiting_requests is not None and max_waiting_requests < 0:
-            raise ValueError(
-                f"Invalid value for 'max_waiting_requests': must be >= 0, got {max_waiting_requests}"
-            )
+            raise ValueError(f"Invalid value for 'max_waiting_requests': must be >= 0, got {max_waiting_requests}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.draining = False
@@ -39,15 +37,10 @@ class Admission:
     def admit(self, num_requests: int = 1) -> None:
         """Raises the 503/429 APIError, or counts `num_requests` engine requests as active."""
         if self.draining:
-            raise APIError(
-                503, "The server is shutting down and accepts no new requests.", code="shutting_down"
-            )
+            raise APIError(503, "The server is shutting down and accepts no new requests.", code="shutting_down")
         if not self.engine.is_alive:
             raise APIError(503, "The inference engine is not running.", code="engine_dead")
-        if (
-            self.max_waiting_requests is not None
-            and self.num_waiting() + num_requests > self.max_waiting_requests
-        ):
+        if self.max_waiting_requests is not None and self.num_waiting() + num_requests > self.max_waiting_requests:
             raise APIError(
                 429,
                 f"The server's waiting queue is full ({self.max_waiting_requests} requests); retry later.",

@@ -80,14 +80,8 @@ class DrainMiddleware:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self.state.admission.draining
-            and scope["path"].startswith(PROTECTED_PREFIX)
-        ):
-            error = APIError(
-                503, "The server is shutting down and accepts no new requests.", code="shutting_down"
-            )
+        if scope["type"] == "http" and self.state.admission.draining and scope["path"].startswith(PROTECTED_PREFIX):
+            error = APIError(503, "The server is shutting down and accepts no new requests.", code="shutting_down")
             await error.response()(scope, receive, send)
             return
         await self.app(scope, receive, send)

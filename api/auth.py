@@ -22,11 +22,7 @@ class APIKeyMiddleware:
         self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"].startswith(PROTECTED_PREFIX)
-            and not self._authorized(scope)
-        ):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX) and not self._authorized(scope):
             error = APIError(
                 401,
                 "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",

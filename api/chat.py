@@ -40,9 +40,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     check_unsupported(body)
     check_stream_options(body)
     if body.top_logprobs is not None and not body.logprobs:
-        raise APIError(
-            400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.", param="top_logprobs"
-        )
+        raise APIError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.", param="top_logprobs")
     params = build_sampling_params(
         body,
         max_tokens=body.max_completion_tokens or body.max_tokens,

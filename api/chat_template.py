@@ -56,9 +56,7 @@ def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[i
     except (jinja2.TemplateError, ValueError, TypeError) as error:
         # Templates reject what they cannot format (roles out of order, a missing tool id) by
         # raising; that is the request's fault, and the template's own words say what is wrong.
-        raise APIError(
-            400, f"The chat template could not format these messages: {error}", param="messages"
-        ) from None
+        raise APIError(400, f"The chat template could not format these messages: {error}", param="messages") from None
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:

@@ -58,9 +58,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests"
     )
-    server.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     engine = parser.add_argument_group("engine")
     for flag, field, kind, help_text in _ENGINE_FLAGS:
         engine.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
@@ -90,9 +88,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
     except (ValueError, OSError) as error:
@@ -116,9 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port,
         "required" if args.api_key else "not required",
     )
-    serve(
-        app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level
-    )
+    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     return 0
 
 

@@ -78,18 +78,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         await close_all(streams)
 
 
-def _prompt_token_ids(
-    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]
-) -> list[list[int]]:
+def _prompt_token_ids(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Every prompt form as a list of token-id prompts (one engine request each)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and isinstance(prompt[0], int):
         prompt = [prompt]  # type: ignore[list-item]
     if len(prompt) > MAX_PROMPTS:
-        raise APIError(
-            400, f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request.", param="prompt"
-        )
+        raise APIError(400, f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request.", param="prompt")
     tokenizer = state.engine.tokenizer
     # Raw text gets the tokenizer's usual special tokens (a BOS for Llama-style models): the model
     # was trained on text that starts that way. Token ids are the client's exact choice.
@@ -115,8 +111,7 @@ class _CompletionRun:
         n = body.n
         self.echo_text = [self._echo(i) for i in range(len(prompts))]
         self.logprobs = [
-            CompletionLogprobsBuilder(state.token_text, len(self.echo_text[i // n]))
-            for i in range(len(prompts) * n)
+            CompletionLogprobsBuilder(state.token_text, len(self.echo_text[i // n])) for i in range(len(prompts) * n)
         ]
 
     def _echo(self, prompt_index: int) -> str:

@@ -81,9 +81,7 @@ def bad_request_from_value_error(error: ValueError, default_param: str | None = 
 
 def not_supported(param: str, what: str) -> APIError:
     """A 400 for a feature that is parsed but not implemented, so it is never silently ignored."""
-    return APIError(
-        400, f"{what} is not supported by this server yet.", param=param, code="unsupported_parameter"
-    )
+    return APIError(400, f"{what} is not supported by this server yet.", param=param, code="unsupported_parameter")
 
 
 def _clean_loc(loc: Sequence[Any]) -> list[str | int]:
@@ -132,9 +130,7 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"We could not parse the JSON body of your request: {detail}.")
     locs = [_clean_loc(e.get("loc", ())) for e in errors]
     if not locs[0]:
-        return APIError(
-            400, "The request body must be a JSON object (sent as Content-Type: application/json)."
-        )
+        return APIError(400, "The request body must be a JSON object (sent as Content-Type: application/json).")
     # A union (`stop: str | list[str]`) fails once per member, all about the same parameter. The
     # deepest of those errors is the most specific (a bad part inside a content list); at equal
     # depth, the members' complaints are joined: "a valid string or a valid list".
@@ -208,9 +204,7 @@ class UnexpectedErrorMiddleware:
             logger.exception("Unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if response_started:
                 raise  # too late for a 500; the server closes the connection
-            error = APIError(
-                500, "The server had an error while processing your request.", code="internal_error"
-            )
+            error = APIError(500, "The server had an error while processing your request.", code="internal_error")
             await error.response()(scope, receive, send)
 
 

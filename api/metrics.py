@@ -73,9 +73,7 @@ class ServerMetrics:
         self.prompt_tokens = Counter(
             "sluice_prompt_tokens", "Prompt tokens of requests that started.", registry=self.registry
         )
-        self.generation_tokens = Counter(
-            "sluice_generation_tokens", "Generated tokens.", registry=self.registry
-        )
+        self.generation_tokens = Counter("sluice_generation_tokens", "Generated tokens.", registry=self.registry)
         self.requests = Counter(
             "sluice_requests",
             "Finished requests by finish reason.",

@@ -62,9 +62,7 @@ class RefusalPart(OpenAIModel):
     refusal: str
 
 
-ContentPart = Annotated[
-    TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")
-]
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")]
 
 
 class FunctionCall(OpenAIModel):

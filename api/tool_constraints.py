@@ -64,17 +64,13 @@ def _grammar(functions_json: str, parallel: bool) -> str:
                 f"schema: {xgrammar_message(error)}"
             ) from None
         calls.append(
-            grammar_cls.concat(
-                _literal(grammar_cls, head), arguments, _literal(grammar_cls, "}\n</tool_call>")
-            )
+            grammar_cls.concat(_literal(grammar_cls, head), arguments, _literal(grammar_cls, "}\n</tool_call>"))
         )
     one_call = calls[0] if len(calls) == 1 else grammar_cls.union(*calls)
     if not parallel:
         return str(one_call)
     # A new start rule repeating the old one; xgrammar renames the old `root` when it reads this back.
-    repeated = grammar_cls.from_ebnf(
-        f'{one_call}\ntool_calls ::= root ("\\n" root)*\n', root_rule_name="tool_calls"
-    )
+    repeated = grammar_cls.from_ebnf(f'{one_call}\ntool_calls ::= root ("\\n" root)*\n', root_rule_name="tool_calls")
     return str(repeated)
 
 

@@ -10,7 +10,9 @@ Both are parsed by one incremental machine per format, fed text deltas. Streamin
 content deltas, the start of each call (index, id, name) as soon as its name is known, and fragments
 of its arguments as they arrive; `parse(text)` runs the same machine over the whole text, so both give
 the same final result. Arguments are the model's own JSON text for the arguments object (the
-fragments concatenate to exactly it). A call whose JSON is malformed stays in the content verbatim.
+fragments concatenate to exactly it). A call whose JSON is malformed stays in the content verbatim;
+streaming, that holds for JSON that breaks before the call's name is complete. Once the name has gone
+out, a stream cannot take it back: the call keeps the arguments text it had (see the tests).
 
 Whitespace outside the calls is held back until more text follows it: whitespace right before a call,
 between calls and at the end of an output with calls is dropped (it is only the format's layout).
@@ -88,9 +90,7 @@ def collect(events: list[ToolParserEvent]) -> ParsedToolCalls:
 # `{"name": "<name>", "arguments": {` (or "parameters"): once this much is in, the call's name is known
 # and everything after it, up to the end of that object, is its arguments. Other key orders are parsed
 # when the whole call is in.
-_NAME_FIRST = re.compile(
-    r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)'
-)
+_NAME_FIRST = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 class _JsonScanner:
@@ -171,6 +171,7 @@ class _CallBuilder:
         self.body = ""
         self.stream_early = stream_early
         self.start: ToolCallStart | None = None
+        self.whitespace_before = ""  # content whitespace held when the call began
         self._arguments_scanner = _JsonScanner()
         self._arguments_start = 0  # where the arguments object starts in body, once announced
         self._arguments_end: int | None = None
@@ -277,15 +278,18 @@ class ToolCallStream(ABC):
         self._held_whitespace += text[len(stripped) :]
 
     def _new_call(self) -> _CallBuilder:
-        self._held_whitespace = ""  # the layout before a call is not content
         call = _CallBuilder(self.num_calls, self._stream_early)
+        # The layout before a call is not content, unless the call turns out not to be one.
+        call.whitespace_before, self._held_whitespace = self._held_whitespace, ""
         self.num_calls += 1
         return call
 
-    def _drop_call(self, call: _CallBuilder) -> None:
-        """A call that turned out malformed before it was announced: its index is free again."""
+    def _drop_call(self, call: _CallBuilder, raw_text: str, events: list[ToolParserEvent]) -> None:
+        """A call that turned out malformed before it was announced: its text is content after all."""
         assert call.start is None and call.index == self.num_calls - 1
         self.num_calls -= 1
+        self._held_whitespace = call.whitespace_before + self._held_whitespace
+        self._content(raw_text, events)
 
 
 class HermesToolCallStream(ToolCallStream):
@@ -323,8 +327,7 @@ class HermesToolCallStream(ToolCallStream):
             call.extend(self._buffer[:body_end], events)
             self._buffer = self._buffer[body_end + len(self.END) if closing else body_end :]
             if not call.close(events):
-                self._drop_call(call)
-                self._content(self.START + call.body + (self.END if closing else ""), events)
+                self._drop_call(call, self.START + call.body + (self.END if closing else ""), events)
 
 
 class Llama3JsonToolCallStream(ToolCallStream):
@@ -386,8 +389,7 @@ class Llama3JsonToolCallStream(ToolCallStream):
                 if call.close(events):
                     self._state = "calls"
                 else:
-                    self._drop_call(call)
-                    self._content(call.body, events)
+                    self._drop_call(call, call.body, events)
                     self._state = "content"
 
 
@@ -402,42 +404,34 @@ def _partial_tag_len(text: str, tag: str) -> int:
 # ---- parsers and the registry -----------------------------------------------------------------------
 
 
-class ToolCallParser(ABC):
-    name: ClassVar[str]
+class ToolCallParser:
+    """A tool-call format: `parse` for a complete output, `stream` for an output arriving in deltas."""
 
-    @abstractmethod
+    name: ClassVar[str]
+    stream_class: ClassVar[type[ToolCallStream]]
+
     def stream(self) -> ToolCallStream:
         """A new incremental parser for one streamed output."""
+        return self.stream_class(stream_early=True)
 
     def parse(self, text: str) -> ParsedToolCalls:
         """The content and calls of a complete output."""
-        stream = self._stream(stream_early=False)
+        # The streaming machine itself, so both agree; without early announcements, so that a call
+        # is judged on its whole text (a malformed one is content).
+        stream = self.stream_class(stream_early=False)
         stream.feed(text)
         stream.finish()
         return stream.result()
 
-    @abstractmethod
-    def _stream(self, stream_early: bool) -> ToolCallStream: ...
-
 
 class HermesToolParser(ToolCallParser):
     name = "hermes"
-
-    def stream(self) -> ToolCallStream:
-        return self._stream(stream_early=True)
-
-    def _stream(self, stream_early: bool) -> ToolCallStream:
-        return HermesToolCallStream(stream_early)
+    stream_class = HermesToolCallStream
 
 
 class Llama3JsonToolParser(ToolCallParser):
     name = "llama3_json"
-
-    def stream(self) -> ToolCallStream:
-        return self._stream(stream_early=True)
-
-    def _stream(self, stream_early: bool) -> ToolCallStream:
-        return Llama3JsonToolCallStream(stream_early)
+    stream_class = Llama3JsonToolCallStream
 
 
 TOOL_PARSERS: dict[str, type[ToolCallParser]] = {
@@ -450,9 +444,7 @@ def get_tool_parser(name: str) -> ToolCallParser:
     """The parser registered as `name` (what --tool-call-parser selects)."""
     parser = TOOL_PARSERS.get(name)
     if parser is None:
-        raise ValueError(
-            f"Invalid value for 'tool_call_parser': must be one of {sorted(TOOL_PARSERS)}, got {name!r}"
-        )
+        raise ValueError(f"Invalid value for 'tool_call_parser': must be one of {sorted(TOOL_PARSERS)}, got {name!r}")
     return parser()
 
 

@@ -21,9 +21,7 @@ class LLM:
     LLM() with no model runs the built-in demo model (random weights: its replies are noise).
     """
 
-    def __init__(
-        self, model: str | None = None, config: EngineConfig | str | None = None, **overrides: Any
-    ) -> None:
+    def __init__(self, model: str | None = None, config: EngineConfig | str | None = None, **overrides: Any) -> None:
         if isinstance(config, str):
             config = EngineConfig.from_yaml(config, model=model, **overrides)
         elif config is None:

@@ -16,8 +16,8 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import make_generator
 from engine.sampling_params import OutputKind, SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
-from engine.structured_outputs import GrammarManager, SequenceGrammar
+from engine.scheduler import Scheduler
+from engine.structured_outputs import GrammarManager
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ class LLMEngine:
         self.vocab_size = loaded.model.config.get_text_config().vocab_size
         self.device = loaded.device
         self.runner = ModelRunner(loaded, config)
-        self.kv_cache = KVCacheManager(
-            self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
-        )
+        self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, UserRequest] = {}
         self.prompt_tokens_total = 0
@@ -74,7 +72,6 @@ class LLMEngine:
         # Built on the first constrained request (it needs xgrammar, an optional dependency).
         self._grammar_manager: GrammarManager | None = None
         self._grammar_manager_lock = threading.Lock()
-        self._num_constrained = 0  # unfinished constrained sequences; 0 keeps the step free of grammar work
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -142,12 +139,9 @@ class LLMEngine:
 
     def add_processed(self, user_request: UserRequest) -> None:
         if user_request.request_id in self.requests:
-            raise ValueError(
-                f"Invalid value for 'request_id': {user_request.request_id!r} is already running"
-            )
+            raise ValueError(f"Invalid value for 'request_id': {user_request.request_id!r} is already running")
         self.requests[user_request.request_id] = user_request
         self.prompt_tokens_total += len(user_request.prompt_token_ids)
-        self._num_constrained += sum(s.sequence.grammar is not None for s in user_request.samples)
         sequences = [s.sequence for s in user_request.samples]
         # With prefix caching, siblings wait until the first sample has computed the prompt, then
         # reuse its blocks instead of computing the same prompt n times.
@@ -204,13 +198,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        grammars = self._grammars_of_sampled_rows(batch) if self._num_constrained else None
-        self.runner.sampler.next_row_grammars = grammars
-        try:
-            result = self.runner.execute(batch)
-        finally:
-            self.runner.sampler.next_row_grammars = None  # also when the step sampled nothing
-        assert grammars is None or len(grammars) == len(result.sampled_requests)
+        result = self.runner.execute(batch)
         self.scheduler.mark_computed(batch)
         touched: dict[str, UserRequest] = {}
         logprobs = result.logprobs or [None] * len(result.token_ids)
@@ -228,19 +216,6 @@ class LLMEngine:
             if user_request.finished:
                 del self.requests[user_request.request_id]
         return outputs
-
-    @staticmethod
-    def _grammars_of_sampled_rows(batch: ScheduledBatch) -> list[SequenceGrammar | None] | None:
-        """The grammars of the rows the runner will sample, in its row order; None if all are None.
-
-        A request is sampled when its scheduled slice reaches the end of its tokens (see Request).
-        """
-        grammars = [
-            request.grammar
-            for request, num_new in zip(batch.requests, batch.num_new_tokens)
-            if request.num_computed_tokens + num_new == request.num_tokens
-        ]
-        return grammars if any(g is not None for g in grammars) else None
 
     def _append_token(self, sequence: Request, token_id: int, token_logprob) -> None:
         params = sequence.params
@@ -279,16 +254,12 @@ class LLMEngine:
     def _finish(self, sequence: Request, reason: str, stop_reason: str | int | None = None) -> None:
         sequence.finish_reason = reason
         sequence.stop_reason = stop_reason
-        if sequence.grammar is not None:
-            sequence.grammar = None  # frees the matcher now rather than with the request
-            self._num_constrained -= 1
+        sequence.grammar = None  # frees the matcher now rather than with the request
         self.scheduler.finish(sequence)
 
     def _release_pending(self, user_request: UserRequest) -> None:
         first = user_request.samples[0].sequence
-        if user_request.pending and (
-            first.num_computed_tokens >= first.num_prompt_tokens or first.is_finished
-        ):
+        if user_request.pending and (first.num_computed_tokens >= first.num_prompt_tokens or first.is_finished):
             for sequence in reversed(user_request.pending):
                 self.scheduler.add(sequence, front=True)
             self.num_pending_samples -= len(user_request.pending)

@@ -66,9 +66,7 @@ def check_supported(hf_config, max_model_len: int) -> None:
             raise ValueError(f"This model uses {name}, which sluicegate does not implement yet.")
     for name in ("logits_scaling", "logit_scale"):
         if getattr(text_config, name, None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"This model scales its logits ({name}), which sluicegate does not implement yet."
-            )
+            raise ValueError(f"This model scales its logits ({name}), which sluicegate does not implement yet.")
     if getattr(text_config, "is_encoder_decoder", False):
         raise ValueError("sluicegate runs decoder-only models; this one is an encoder-decoder.")
 
@@ -120,9 +118,7 @@ def _max_model_len(hf_config, requested: int | None) -> int:
             raise ValueError("The model config has no max_position_embeddings; pass max_model_len.")
         return limit
     if limit is not None and requested > limit:
-        raise ValueError(
-            f"Invalid value for 'max_model_len': {requested} exceeds the model's limit of {limit}"
-        )
+        raise ValueError(f"Invalid value for 'max_model_len': {requested} exceeds the model's limit of {limit}")
     return requested
 
 

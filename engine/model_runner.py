@@ -269,7 +269,7 @@ class ModelRunner:
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
         rows = [
-            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar)
             for r in inputs.sampled_requests
         ]
         output = self.sampler(logits, rows)

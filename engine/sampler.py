@@ -62,23 +62,12 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         assert vocab_size > 0
         self.vocab_size = vocab_size
-        # Grammars for the rows of the next call, in row order, set by the engine just before a step:
-        # the model runner builds the SamplingRows and does not know about grammars. Rows that already
-        # carry a grammar keep it. Consumed (reset to None) by the call.
-        self.next_row_grammars: list[SequenceGrammar | None] | None = None
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         assert logits.shape[1] >= self.vocab_size, (logits.shape[1], self.vocab_size)
         device = logits.device
         num_rows, vocab = logits.shape[0], self.vocab_size
-        if self.next_row_grammars is not None:
-            grammars, self.next_row_grammars = self.next_row_grammars, None
-            assert len(grammars) == num_rows, (len(grammars), num_rows)
-            for row, grammar in zip(rows, grammars):
-                if row.grammar is None:
-                    row.grammar = grammar
-
         # Padded embedding columns can never be sampled: dropping them is the same as masking them
         # to -inf, and keeps every later tensor (and each seeded row's noise draw) vocab_size wide.
         # A fresh fp32 copy, because the stages below work in place and must not touch the caller's logits.
@@ -125,9 +114,7 @@ class Sampler:
         if not row_idx:
             return
         index = _to_device([row_idx, token_idx], torch.int64, logits.device)
-        logits.index_put_(
-            (index[0], index[1]), _to_device(values, torch.float32, logits.device), accumulate=True
-        )
+        logits.index_put_((index[0], index[1]), _to_device(values, torch.float32, logits.device), accumulate=True)
 
     def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         row_idx: list[int] = []
@@ -171,8 +158,7 @@ class Sampler:
 
         if use_repetition:
             prompt_ids = [
-                row.prompt_token_ids if p.repetition_penalty != 1.0 else []
-                for row, p in zip(rows, params, strict=True)
+                row.prompt_token_ids if p.repetition_penalty != 1.0 else [] for row, p in zip(rows, params, strict=True)
             ]
             seen = (_token_counts(prompt_ids, vocab, device) > 0) | (output_counts > 0)
             penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device).unsqueeze(1)
@@ -181,9 +167,7 @@ class Sampler:
             logits.copy_(torch.where(seen, penalized, logits))
 
         if use_additive:
-            coeffs = _to_device(
-                [[p.frequency_penalty, p.presence_penalty] for p in params], torch.float32, device
-            )
+            coeffs = _to_device([[p.frequency_penalty, p.presence_penalty] for p in params], torch.float32, device)
             frequency, presence = coeffs[:, 0:1], coeffs[:, 1:2]
             logits.sub_(frequency * output_counts + presence * (output_counts > 0).float())
 
@@ -197,9 +181,7 @@ class Sampler:
 
     # ----- random sampling (7-8) ----------------------------------------------------------------------
 
-    def _sample_random(
-        self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]
-    ) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         device = logits.device
         params = [row.params for row in rows]
         # Greedy rows still ride through the batched math with neutral settings; their token is the
@@ -272,13 +254,9 @@ class Sampler:
             sampled = torch.where(_to_device(greedy, torch.bool, device), greedy_tokens, sampled)
         return sampled
 
-    def _exponential_noise(
-        self, probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]
-    ) -> torch.Tensor:
+    def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         noise = torch.empty_like(probs)
-        seeded = [
-            (i, row.generator) for i, row in enumerate(rows) if not greedy[i] and row.generator is not None
-        ]
+        seeded = [(i, row.generator) for i, row in enumerate(rows) if not greedy[i] and row.generator is not None]
         num_unseeded = sum(not g for g in greedy) - len(seeded)
         if num_unseeded > 0:
             # One call on the global generator for the whole batch; seeded rows are overwritten below.
@@ -318,9 +296,7 @@ def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) 
         return counts[:, :vocab]
     # The ids travel flat rather than padded: one long prompt would otherwise pad every row to its
     # length. numpy's fromiter converts Python ints several times faster than torch.tensor does.
-    flat = torch.from_numpy(
-        np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
-    )
+    flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total))
     flat = _host_to_device(flat, device)
     row = torch.repeat_interleave(
         torch.arange(num_rows, device=device),

@@ -74,9 +74,7 @@ class Scheduler:
         # After a preemption the pool is tight: admitting new work would only thrash.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_any:
             request = self.waiting[0]
-            cached_blocks = (
-                self.kv_cache.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
-            )
+            cached_blocks = self.kv_cache.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
             num_cached = len(cached_blocks) * self.kv_cache.block_size
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
             if not self.kv_cache.allocate(request, num_new, cached_blocks):

@@ -121,11 +121,11 @@ def import_xgrammar() -> Any:
     """The xgrammar module, or a ValueError saying how to get it (a request asked for a constraint)."""
     try:
         import xgrammar
-    except ImportError:
+    except (ImportError, OSError) as error:  # OSError: installed, but its native library does not load
         raise ValueError(
             f"Invalid value for '{_PARAM}': constrained decoding (JSON mode, JSON schema, regex, choice, "
-            "grammar, forced tool calls) needs the xgrammar package, which is not installed on this "
-            "server; install it with `pip install xgrammar` (or the sluicegate[structured] extra)"
+            "grammar, forced tool calls) needs the xgrammar package, which this server cannot import "
+            f"({error}); install it with `pip install xgrammar` (or the sluicegate[structured] extra)"
         ) from None
     return xgrammar
 

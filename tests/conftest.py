@@ -3,11 +3,10 @@ session into pytest's temporary directory, then loaded the way a hub checkpoint 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import os
 
 import pytest
 import torch

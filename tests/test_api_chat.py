@@ -127,9 +127,7 @@ def test_logprobs_have_one_entry_per_token_with_the_requested_alternatives(clien
         assert entry.logprob <= probs[0] + 1e-5
 
     chunks = _stream(client, messages=USER, max_tokens=6, extra_body=NO_EOS, logprobs=True)
-    streamed = [
-        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
-    ]
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(streamed) == 6
     assert all(e.top_logprobs == [] for e in streamed)  # logprobs without top_logprobs: none
 
@@ -137,9 +135,7 @@ def test_logprobs_have_one_entry_per_token_with_the_requested_alternatives(clien
 def test_text_content_parts_are_joined_like_a_string(client):
     kwargs = dict(temperature=0.0, max_tokens=10)
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
-    with_parts = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": parts}], **kwargs
-    )
+    with_parts = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], **kwargs)
     as_text = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello\nworld"}], **kwargs
     )

@@ -84,9 +84,7 @@ def test_echo_prepends_the_prompt(client):
 
 
 def test_logprobs_is_an_int_and_gives_parallel_lists(client):
-    response = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=2, extra_body=NO_EOS
-    )
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=2, extra_body=NO_EOS)
     logprobs = response.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
     assert logprobs.text_offset == sorted(logprobs.text_offset)

@@ -137,9 +137,7 @@ def test_an_unknown_model_is_a_404(http):
         ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}),
     ):
         error = _error(http.post(path, json=body), 404)
-        assert (
-            error["param"] == "model" and error["code"] == "model_not_found" and "gpt-4o" in error["message"]
-        )
+        assert error["param"] == "model" and error["code"] == "model_not_found" and "gpt-4o" in error["message"]
     assert _error(http.get("/v1/models/gpt-4o"), 404)["code"] == "model_not_found"
 
 
@@ -155,9 +153,7 @@ def test_a_prompt_too_long_is_a_400_with_the_context_length(client, http):
     assert f"This model's maximum context length is {MAX_MODEL_LEN} tokens" in error.value.message
     assert error.value.code == "context_length_exceeded"
     # Fits alone, but not with the completion it asks for.
-    response = http.post(
-        "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": MAX_MODEL_LEN}
-    )
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": MAX_MODEL_LEN})
     assert "maximum context length" in _error(response, 400)["message"]
     response = http.post(
         "/v1/chat/completions", json={"model": MODEL, "messages": USER, "stream": True, "max_tokens": 10_000}
@@ -203,9 +199,7 @@ def test_tools_and_structured_outputs_are_validated_then_refused_clearly(http, e
 
 def test_invalid_tools_are_rejected_by_validation_first(http):
     bad_tools = [{"type": "function", "function": {"name": "has spaces"}}]
-    error = _error(
-        http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "tools": bad_tools}), 400
-    )
+    error = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "tools": bad_tools}), 400)
     assert error["param"] == "tools[0].function.name"
 
 
@@ -233,9 +227,7 @@ def test_bad_requests_do_not_disturb_a_running_stream(client, http):
         chunks = client.chat.completions.create(
             model=MODEL, messages=USER, max_tokens=60, stream=True, extra_body={"ignore_eos": True}
         )
-        result["finish"] = [
-            c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
-        ]
+        result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
 
     worker = threading.Thread(target=stream)
     worker.start()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine import AsyncLLM, LLM, OutputKind, SamplingParams
+from engine import LLM, AsyncLLM, OutputKind, SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,10 @@ def test_paged_attention_matches_dense_attention_over_shuffled_blocks():
         all_slots = [blocks[p // block_size] * block_size + p % block_size for p in range(seq_len)]
         # The prefix is already cached; this step stores the last q_len tokens.
         reference.store_kv(
-            k[: seq_len - q_len], v[: seq_len - q_len], key_cache, value_cache,
+            k[: seq_len - q_len],
+            v[: seq_len - q_len],
+            key_cache,
+            value_cache,
             torch.tensor(all_slots[: seq_len - q_len], dtype=torch.long),
         )
         slots.extend(all_slots[seq_len - q_len :])

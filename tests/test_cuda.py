@@ -22,9 +22,7 @@ if TYPE_CHECKING:
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs an NVIDIA GPU: torch.cuda.is_available() is False"
-    ),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: torch.cuda.is_available() is False"),
 ]
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -168,9 +166,7 @@ def test_bfloat16_greedy_matches_transformers_up_to_a_near_tie(arch_case):
         )
         if first_diff is None:
             # Same ids as far as both go; they may only differ in length by an EOS-free run.
-            assert len(engine_ids) == len(expected_ids), (
-                f"prompt {index}: lengths differ without a divergence"
-            )
+            assert len(engine_ids) == len(expected_ids), f"prompt {index}: lengths differ without a divergence"
             continue
         divergences += 1
         step_logits = logits[first_diff]

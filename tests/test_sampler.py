@@ -122,11 +122,7 @@ def test_greedy_with_bias_min_tokens_and_penalties_matches_direct_computation(de
 
     got = Sampler(vocab)(logits.to(device), rows).token_ids.tolist()
     expected = [
-        int(
-            np.argmax(
-                reference_processed(logits[i].tolist(), r.params, r.prompt_token_ids, r.output_token_ids)
-            )
-        )
+        int(np.argmax(reference_processed(logits[i].tolist(), r.params, r.prompt_token_ids, r.output_token_ids)))
         for i, r in enumerate(rows)
     ]
     assert got == expected
@@ -227,9 +223,7 @@ def test_seeded_rows_equal_the_exponential_race_on_directly_computed_probs(
 @pytest.mark.parametrize("device", DEVICES)
 def test_filters_never_sample_outside_the_allowed_set(params: SamplingParams, device: str):
     vocab, draws = 32, 4000
-    logits = torch.linspace(3.0, -3.0, vocab)[
-        torch.randperm(vocab, generator=torch.Generator().manual_seed(4))
-    ]
+    logits = torch.linspace(3.0, -3.0, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(4))]
     allowed = allowed_tokens(logits.tolist(), params)
     assert 3 <= len(allowed) < vocab
     torch.manual_seed(4)

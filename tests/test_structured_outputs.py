@@ -275,9 +275,7 @@ def test_preemption_keeps_the_matcher_and_the_output(model_dir_factory):
     # recomputed. Recompute replays K/V only, so the outputs equal those of a roomy run.
     constraint = StructuredOutputsParams(json=SCHEMAS["nested"])
     params = [
-        SamplingParams(
-            temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=80, structured_outputs=constraint
-        )
+        SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=80, structured_outputs=constraint)
         for i in range(6)
     ]
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} #{i}" for i in range(6)]

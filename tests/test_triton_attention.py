@@ -119,9 +119,7 @@ def check_attention(
     scale = query.shape[-1] ** -0.5
     out = triton_attention.paged_attention(query, key_cache, value_cache, metadata, scale)
     assert out.shape == query.shape and out.dtype == query.dtype
-    expected = reference.paged_attention(
-        query.float(), key_cache.float(), value_cache.float(), metadata, scale
-    )
+    expected = reference.paged_attention(query.float(), key_cache.float(), value_cache.float(), metadata, scale)
     torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
 
 
@@ -373,7 +371,5 @@ def test_decode_replays_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch, num_spl
     metadata.seq_lens_host = new_seq_lens
     graph.replay()
     torch.cuda.synchronize()
-    expected = reference.paged_attention(
-        query.float(), key_cache.float(), value_cache.float(), metadata, scale
-    )
+    expected = reference.paged_attention(query.float(), key_cache.float(), value_cache.float(), metadata, scale)
     torch.testing.assert_close(out.float(), expected, **TOLERANCE[torch.bfloat16])

@@ -60,8 +60,6 @@ def paged_attention(
         # Query row j sits at position seq_len - q_len + j and sees keys at positions <= it.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
-        )
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads)
         out[q_start:q_end] = o.transpose(0, 1)
     return out

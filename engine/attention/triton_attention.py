@@ -63,12 +63,8 @@ def _store_kv_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)
 
-    k = tl.load(
-        key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :] * stride_kd, mask=mask
-    )
-    v = tl.load(
-        value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd, mask=mask
-    )
+    k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :] * stride_kd, mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd, mask=mask)
     k_dst = key_cache_ptr + block * stride_kcb + offset * stride_kcs
     v_dst = value_cache_ptr + block * stride_vcb + offset * stride_vcs
     tl.store(
@@ -166,16 +162,10 @@ def _attend_tile(
         block_ids = tl.load(block_table_ptr + kv_pos // PAGE_SIZE).to(tl.int64)
     in_page = kv_pos % PAGE_SIZE
     k_ptrs = (
-        k_cache_ptr
-        + kv_head_off_k
-        + (block_ids * stride_kb + in_page * stride_ks)[None, :]
-        + dims[:, None] * stride_kd
+        k_cache_ptr + kv_head_off_k + (block_ids * stride_kb + in_page * stride_ks)[None, :] + dims[:, None] * stride_kd
     )
     v_ptrs = (
-        v_cache_ptr
-        + kv_head_off_v
-        + (block_ids * stride_vb + in_page * stride_vs)[:, None]
-        + dims[None, :] * stride_vd
+        v_cache_ptr + kv_head_off_v + (block_ids * stride_vb + in_page * stride_vs)[:, None] + dims[None, :] * stride_vd
     )
     if CAUSAL:
         k_t = tl.load(k_ptrs, mask=kv_valid[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
@@ -534,9 +524,7 @@ def paged_attention(
         partial_out = torch.empty(
             (num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
         )
-        partial_lse = torch.empty(
-            (num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device
-        )
+        partial_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
     else:
         partial_out = partial_lse = out  # unused: SPLIT_KV compiles their stores away
     # Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bits in tl.dot (seen
