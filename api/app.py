@@ -25,9 +25,13 @@ def create_app(
     api_key: str | None = None,
     max_waiting_requests: int | None = None,
     shutdown_engine: bool = True,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
-    """An app serving `engine` (an AsyncLLM). With `shutdown_engine`, stopping the app stops it."""
-    state = ServerState(engine, max_waiting_requests=max_waiting_requests)
+    """An app serving `engine` (an AsyncLLM). With `shutdown_engine`, stopping the app stops it.
+
+    `tool_call_parser` names the tool-call format of tool_choice "auto" (default: the chat template's).
+    """
+    state = ServerState(engine, max_waiting_requests=max_waiting_requests, tool_call_parser=tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from api.tool_parsers import TOOL_PARSERS
 from engine.config import EngineConfig
 
 logger = logging.getLogger("sluice")
@@ -59,6 +60,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests"
     )
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    server.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help="the model's tool-call format for tool_choice 'auto' (default: detected from the chat template)",
+    )
     engine = parser.add_argument_group("engine")
     for flag, field, kind, help_text in _ENGINE_FLAGS:
         engine.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
@@ -104,13 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.async_llm import AsyncLLM
 
     engine = AsyncLLM(config)
-    app = create_app(engine, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests)
+    app = create_app(
+        engine,
+        api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests,
+        tool_call_parser=args.tool_call_parser,
+    )
+    tool_parser = app.state.sluice.tool_call_parser
     logger.info(
-        "Serving '%s' on http://%s:%d/v1 (API key %s)",
+        "Serving '%s' on http://%s:%d/v1 (API key %s; tool-call parser %s)",
         engine.model_name,
         args.host,
         args.port,
         "required" if args.api_key else "not required",
+        tool_parser.name if tool_parser else "none: tool_choice 'auto' answers with content",
     )
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     return 0

@@ -25,6 +25,7 @@ from api.protocol import CompletionRequest, CompletionResponse
 from api.sampling import build_sampling_params, check_stream_options
 from api.state import ServerState, error_responses, get_state, stream_content
 from api.streaming import SSE_DONE, SSEResponse, sse_event
+from api.structured import response_format_constraint
 
 router = APIRouter()
 
@@ -48,7 +49,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.echo and body.logprobs is not None:
         raise not_supported("logprobs", "'logprobs' together with 'echo' (prompt logprobs)")
     params = build_sampling_params(
-        body, max_tokens=body.max_tokens, logprobs=body.logprobs, vocab_size=state.vocab_size
+        body,
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs,
+        vocab_size=state.vocab_size,
+        structured_outputs=response_format_constraint(body.response_format),
     )
     prompts = _prompt_token_ids(state, body.prompt)
     try:
@@ -62,6 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                 admission=state.admission,
                 arrival_time=arrival_time,
                 prompt_param="prompt",
+                param_renames={"structured_outputs": "response_format"},
             ),
         )
     except ClientDisconnected:

@@ -70,13 +70,25 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def bad_request_from_value_error(error: ValueError, default_param: str | None = None) -> APIError:
-    """A 400 from the engine's or SamplingParams' ValueError, keeping the parameter it names."""
+def bad_request_from_value_error(
+    error: ValueError, default_param: str | None = None, renames: Mapping[str, str] | None = None
+) -> APIError:
+    """A 400 from the engine's or SamplingParams' ValueError, keeping the parameter it names.
+
+    `renames` maps engine parameter names to the request's own: the engine judges a constraint as
+    'structured_outputs', which the client set as 'response_format' (or through its tools).
+    """
     message = str(error)
     if "maximum context length" in message:
         return APIError(400, message, param=default_param, code="context_length_exceeded")
     match = _PARAM_IN_MESSAGE.search(message)
-    return APIError(400, message, param=match.group(1) if match else default_param)
+    if match is None:
+        return APIError(400, message, param=default_param)
+    param = match.group(1)
+    if renames and param in renames:
+        param = renames[param]
+        message = message[: match.start(1)] + param + message[match.end(1) :]
+    return APIError(400, message, param=param)
 
 
 def not_supported(param: str, what: str) -> APIError:

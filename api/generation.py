@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -88,8 +88,12 @@ async def open_stream(
     arrival_time: float,
     request_id: str | None = None,
     prompt_param: str = "messages",
+    param_renames: Mapping[str, str] | None = None,
 ) -> EngineStream:
-    """Starts an engine request and waits for its first output; engine ValueErrors become 400s."""
+    """Starts an engine request and waits for its first output; engine ValueErrors become 400s.
+
+    `param_renames` maps the engine's parameter names in those errors to the request's own.
+    """
     admission.admit()
     request_id = request_id or uuid.uuid4().hex
     generator = engine.generate(prompt, params, request_id)
@@ -101,7 +105,7 @@ async def open_stream(
             await generator.aclose()
         admission.release()
         if isinstance(error, ValueError):
-            raise bad_request_from_value_error(error, default_param=prompt_param) from None
+            raise bad_request_from_value_error(error, default_param=prompt_param, renames=param_renames) from None
         if isinstance(error, StopAsyncIteration):
             raise RuntimeError("the engine ended a request without any output") from None
         if isinstance(error, EngineDeadError):
@@ -120,6 +124,7 @@ async def open_streams(
     admission: Admission,
     arrival_time: float,
     prompt_param: str,
+    param_renames: Mapping[str, str] | None = None,
 ) -> list[EngineStream]:
     """Opens one stream per prompt concurrently; if any fails, the others are closed again."""
     base_id = uuid.uuid4().hex
@@ -134,6 +139,7 @@ async def open_streams(
                 arrival_time=arrival_time,
                 request_id=f"{base_id}-{i}",
                 prompt_param=prompt_param,
+                param_renames=param_renames,
             )
         )
         for i, prompt in enumerate(prompts)

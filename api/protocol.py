@@ -118,7 +118,7 @@ ChatMessage = Annotated[
 ]
 
 
-# ---- tools and structured outputs (validated here, implemented in a later issue) -------------
+# ---- tools and structured outputs ------------------------------------------------------------
 
 
 class FunctionDefinition(OpenAIModel):
@@ -189,6 +189,8 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # OpenAI's for chat; for text completions a vLLM extension (the same JSON mode and JSON schema).
+    response_format: ResponseFormat | None = None
     # vLLM extensions
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -209,7 +211,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     # vLLM extensions for the chat template
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -255,7 +256,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None = None
+    content: str | None = None  # null when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -274,9 +276,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None  # in the first delta of a call only
+    arguments: str | None = None  # a fragment; the fragments concatenate to the call's arguments
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None  # in the first delta of a call only
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from api.errors import APIError, bad_request_from_value_error
 from api.protocol import SamplingFields
 from engine.sampling_params import OutputKind, SamplingParams
+from engine.structured_outputs import StructuredOutputsParams
 
 
 def build_sampling_params(
@@ -13,6 +14,7 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     vocab_size: int,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """Raises a 400 APIError naming the parameter for anything the engine would refuse."""
     top_p = 1.0 if request.top_p is None else request.top_p
@@ -42,6 +44,7 @@ def build_sampling_params(
             include_stop_str_in_output=request.include_stop_str_in_output,
             # Deltas: each engine output carries just the new text, which is exactly an SSE chunk.
             output_kind=OutputKind.DELTA,
+            structured_outputs=structured_outputs,
         )
     except ValueError as error:
         raise bad_request_from_value_error(error) from None

@@ -13,10 +13,13 @@ from api.errors import APIError
 from api.logprobs import TokenText
 from api.metrics import ServerMetrics
 from api.protocol import ErrorResponse
+from api.tool_parsers import ToolCallParser, get_tool_parser, parser_for_template
 
 
 class ServerState:
-    def __init__(self, engine: Any, *, max_waiting_requests: int | None = None) -> None:
+    def __init__(
+        self, engine: Any, *, max_waiting_requests: int | None = None, tool_call_parser: str | None = None
+    ) -> None:
         if engine.tokenizer is None:
             # Chat templates, text prompts, stop strings and logprob tokens all need it.
             raise ValueError(
@@ -32,6 +35,10 @@ class ServerState:
         self.metrics = ServerMetrics(engine)
         self.admission = Admission(engine, max_waiting_requests)
         self.token_text = TokenText(engine.tokenizer)
+        # The format tool_choice "auto" reads calls in: the one named, else the one the chat template
+        # teaches the model; None (no known format) leaves "auto" answers as content.
+        parser_name = tool_call_parser or parser_for_template(getattr(engine.tokenizer, "chat_template", None))
+        self.tool_call_parser: ToolCallParser | None = get_tool_parser(parser_name) if parser_name else None
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:

@@ -1,8 +1,8 @@
 """asyncio front of the engine: a step loop on its own thread, one output stream per request.
 
-Client coroutines never run engine code that touches the device: they validate and tokenize (cheap,
-thread-safe), hand the request to the loop thread through a command queue, and await their own
-asyncio.Queue. The loop thread steps the engine and hands each step's outputs back to the event loop
+Client coroutines never run engine code that touches the device: they validate and tokenize (in a
+worker thread, so a long prompt or a grammar compile never stalls the event loop), hand the request
+to the loop thread through a command queue, and await their own asyncio.Queue. The loop thread steps the engine and hands each step's outputs back to the event loop
 in one call, so the GPU never waits on HTTP and HTTP never waits on the GPU.
 """
 
@@ -58,7 +58,8 @@ class AsyncLLM:
         """Yields the request's outputs as the engine produces them; closing the generator aborts it."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
-        user_request = self.engine.process_request(request_id, prompt, params)
+        # Tokenizing a long prompt or compiling a grammar takes milliseconds to seconds: off the event loop.
+        user_request = await asyncio.to_thread(self.engine.process_request, request_id, prompt, params)
         if request_id in self._streams:
             raise ValueError(f"Invalid value for 'request_id': {request_id!r} is already running")
         self._loop = asyncio.get_running_loop()

@@ -64,10 +64,16 @@ def test_the_api_key_comes_from_the_environment_unless_given(monkeypatch):
     assert _serve_args("--api-key", "from-flag").api_key == "from-flag"
 
 
+def test_the_tool_call_parser_flag_names_a_known_format():
+    assert _serve_args().tool_call_parser is None  # None: detected from the chat template
+    assert _serve_args("--tool-call-parser", "llama3_json").tool_call_parser == "llama3_json"
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
         (["--block-size", "7"], "block_size"),
+        (["--tool-call-parser", "nope"], "--tool-call-parser"),
         (["--max-waiting-requests", "-1"], "--max-waiting-requests"),
         (["--config", "/nonexistent/engine.yaml"], "engine.yaml"),
     ],
@@ -91,5 +97,6 @@ def test_python_dash_m_api_takes_the_same_flags():
         "--config",
         "--max-model-len",
         "--shutdown-timeout",
+        "--tool-call-parser",
     ):
         assert flag in result.stdout
