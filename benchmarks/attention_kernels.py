@@ -81,9 +81,7 @@ def run_case(
 
     triton_ms = time_ms(triton_call)
     report("triton paged_attention", triton_ms)
-    reference_ms = time_ms(
-        lambda: reference.paged_attention(query, key_cache, value_cache, metadata, scale), repeats=3
-    )
+    reference_ms = time_ms(lambda: reference.paged_attention(query, key_cache, value_cache, metadata, scale), repeats=3)
     report("torch reference", reference_ms)
     print(f"  speed-up over the reference: {reference_ms / triton_ms:.1f}x")
     # Private hooks, overridden one at a time to time fixed choices against the heuristics.
@@ -104,14 +102,10 @@ def run_case(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument(
-        "--prefill", type=int, default=2048, help="prompt length of the prefill case; 0: skip"
-    )
+    parser.add_argument("--prefill", type=int, default=2048, help="prompt length of the prefill case; 0: skip")
     parser.add_argument("--heads", type=int, default=16)  # Qwen3-0.6B: 16 query heads, 8 kv heads, 128
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -136,9 +130,7 @@ def main() -> None:
         1,
         torch.bfloat16,
     ).block_n
-    splits = triton_attention._num_kv_splits(
-        args.seqs, args.kv_heads, 1, args.context, block_n, torch.device("cuda")
-    )
+    splits = triton_attention._num_kv_splits(args.seqs, args.kv_heads, 1, args.context, block_n, torch.device("cuda"))
     decode_sweep = [config(16, *c) for c in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
     run_case(
         f"decode: {args.seqs} seqs x {args.context} ctx, KV read {kv_bytes / 1e6:.1f} MB, {splits} kv splits",

@@ -60,9 +60,7 @@ def make_prompts(args: argparse.Namespace) -> list[Any]:
     return prompts
 
 
-async def run_request(
-    client: httpx.AsyncClient, args: argparse.Namespace, model: str, prompt: Any
-) -> RequestResult:
+async def run_request(client: httpx.AsyncClient, args: argparse.Namespace, model: str, prompt: Any) -> RequestResult:
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": args.output_len,
@@ -116,13 +114,9 @@ async def run_request(
 
 async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(
-        max_connections=args.concurrency or args.num_prompts, max_keepalive_connections=None
-    )
+    limits = httpx.Limits(max_connections=args.concurrency or args.num_prompts, max_keepalive_connections=None)
     timeout = httpx.Timeout(args.timeout)
-    async with httpx.AsyncClient(
-        base_url=args.base_url, headers=headers, limits=limits, timeout=timeout
-    ) as client:
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits, timeout=timeout) as client:
         model = args.model
         if model is None:
             response = await client.get("/v1/models")
@@ -171,9 +165,7 @@ def _stats(values: list[float], scale: float = 1000.0) -> dict[str, float]:
     }
 
 
-def summarize(
-    args: argparse.Namespace, model: str, results: list[RequestResult], duration: float
-) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, model: str, results: list[RequestResult], duration: float) -> dict[str, Any]:
     done = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     output_tokens = sum(r.output_tokens for r in done)
@@ -220,27 +212,19 @@ def format_report(summary: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="default: the first model /v1/models lists")
-    parser.add_argument(
-        "--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    )
+    parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument(
-        "--concurrency", type=int, default=None, help="most requests in flight (default: unbounded)"
-    )
+    parser.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: unbounded)")
     parser.add_argument(
         "--request-rate",
         type=float,
         default=float("inf"),
         help="Poisson arrivals per second (default: all at once)",
     )
-    parser.add_argument(
-        "--input-len", type=int, default=128, help="prompt tokens (token ids) or words (text)"
-    )
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (token ids) or words (text)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument(
         "--prompt-kind",

@@ -2,8 +2,9 @@
 
 Client coroutines never run engine code that touches the device: they validate and tokenize (in a
 worker thread, so a long prompt or a grammar compile never stalls the event loop), hand the request
-to the loop thread through a command queue, and await their own asyncio.Queue. The loop thread steps the engine and hands each step's outputs back to the event loop
-in one call, so the GPU never waits on HTTP and HTTP never waits on the GPU.
+to the loop thread through a command queue, and await their own asyncio.Queue. The loop thread
+steps the engine and hands each step's outputs back to the event loop in one call, so the GPU never
+waits on HTTP and HTTP never waits on the GPU.
 """
 
 from __future__ import annotations
