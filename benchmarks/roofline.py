@@ -54,9 +54,7 @@ def model_costs(model: torch.nn.Module, kv_dtype: torch.dtype | None = None) -> 
             prefill_params += parameter.numel()
     text_config = model.config.get_text_config()
     num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or (
-        text_config.hidden_size // text_config.num_attention_heads
-    )
+    head_dim = getattr(text_config, "head_dim", None) or (text_config.hidden_size // text_config.num_attention_heads)
     element_size = torch.empty((), dtype=kv_dtype or input_embedding.dtype).element_size()
     kv_bytes_per_token = 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
     return ModelCosts(weight_bytes, prefill_params, kv_bytes_per_token)
@@ -100,9 +98,7 @@ def measure_matmul_rate(
     return per_timing * 2 * size**3 / seconds
 
 
-def _time_matmuls(
-    device: torch.device, size: int, dtype: torch.dtype, repeats: int, per_timing: int
-) -> float:
+def _time_matmuls(device: torch.device, size: int, dtype: torch.dtype, repeats: int, per_timing: int) -> float:
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     out = torch.empty(size, size, dtype=dtype, device=device)
@@ -230,9 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     if args.bandwidth is None or args.matmul_rate is None:
         if not torch.cuda.is_available():
-            parser.error(
-                "without CUDA, pass --bandwidth and --matmul-rate (H100 SXM datasheet: 3.35e12, 989e12)"
-            )
+            parser.error("without CUDA, pass --bandwidth and --matmul-rate (H100 SXM datasheet: 3.35e12, 989e12)")
         device = torch.device("cuda")
         args.bandwidth = args.bandwidth or measure_bandwidth(device)
         args.matmul_rate = args.matmul_rate or measure_matmul_rate(device)
@@ -241,13 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         preset.num_seqs, preset.min_input, preset.max_input, preset.min_output, preset.max_output, 10_000
     )
     input_lens = [len(p) for p in prompts]
-    bound = workload_bound(
-        input_lens, output_lens, costs, args.bandwidth, args.matmul_rate, args.kv_capacity_tokens
-    )
+    bound = workload_bound(input_lens, output_lens, costs, args.bandwidth, args.matmul_rate, args.kv_capacity_tokens)
     print(json.dumps({"preset": args.preset, "costs": asdict(costs), "bound": bound.as_dict()}, indent=2))
-    print(
-        f"bound: {bound.tokens_per_s:,.0f} output tok/s ({bound.seconds:.2f} s, {bound.output_tokens} tokens)"
-    )
+    print(f"bound: {bound.tokens_per_s:,.0f} output tok/s ({bound.seconds:.2f} s, {bound.output_tokens} tokens)")
 
 
 if __name__ == "__main__":

