@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = {"constrained": 0.0, "free": 0.0}
     tokens = 0
     for run in range(args.repeat):
-        shifted = [[(t + run + 1) % vocab  # other prompts each run for t in p] for p in prompts]
+        shifted = [[(t + run + 1) % vocab for t in p] for p in prompts]  # other prompts each run
         seconds, lengths = _timed(llm, shifted, [constrained] * len(prompts))
         free = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in lengths]
         seconds_free, free_lengths = _timed(llm, shifted, free)
