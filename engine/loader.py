@@ -51,11 +51,11 @@ def check_supported(hf_config, max_model_len: int) -> None:
     text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     window = getattr(text_config, "sliding_window", None)
     layer_types = getattr(text_config, "layer_types", None)
-    uses_window = window is not None and (
-        layer_types is None
-        and getattr(text_config, "use_sliding_window", True)
-        or (layer_types is not None and "sliding_attention" in layer_types)
-    )
+    if layer_types is not None:  # transformers 5 lists each layer's kind
+        uses_window = "sliding_attention" in layer_types
+    else:
+        uses_window = getattr(text_config, "use_sliding_window", True)
+    uses_window = uses_window and window is not None
     if uses_window and window < max_model_len:
         raise ValueError(
             f"This model uses sliding-window attention (window {window}) shorter than max_model_len "
