@@ -3,8 +3,9 @@ session into pytest's temporary directory, then loaded the way a hub checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,21 @@ def model_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> ModelDirFacto
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def serve_tiny_model(model_dir_factory: ModelDirFactory) -> Callable[..., contextlib.AbstractContextManager]:
+    """`with serve_tiny_model(name, arch="llama", api_key=None, **engine_settings) as server:` runs the
+    real app under uvicorn on a free loopback port, serving a tiny model on the CPU as `name`."""
+    from api.app import create_app
+    from api.server import BackgroundServer
+    from engine.async_llm import AsyncLLM
+    from engine.config import EngineConfig
+
+    @contextlib.contextmanager
+    def serve(name: str, arch: str = "llama", api_key: str | None = None, **settings: Any) -> Iterator:
+        config = EngineConfig(model=str(model_dir_factory(arch)), served_model_name=name, device="cpu", **settings)
+        with BackgroundServer(create_app(AsyncLLM(config), api_key=api_key)) as running:
+            yield running
+
+    return serve

@@ -8,11 +8,6 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from api.app import create_app
-from api.server import BackgroundServer
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-
 MODEL = "tiny-chat"
 API_KEY = "sk-test-chat"
 NO_EOS = {"ignore_eos": True}  # a vLLM extension: the tiny random model may emit EOS at any step
@@ -20,15 +15,8 @@ USER = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
 @pytest.fixture(scope="module")
-def server(model_dir_factory):
-    config = EngineConfig(
-        model=str(model_dir_factory("llama")),
-        served_model_name=MODEL,
-        device="cpu",
-        num_kv_blocks=256,
-        max_model_len=512,
-    )
-    with BackgroundServer(create_app(AsyncLLM(config), api_key=API_KEY)) as running:
+def server(serve_tiny_model):
+    with serve_tiny_model(MODEL, api_key=API_KEY, num_kv_blocks=256, max_model_len=512) as running:
         yield running
 
 

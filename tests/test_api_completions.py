@@ -6,11 +6,6 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from api.app import create_app
-from api.server import BackgroundServer
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-
 MODEL = "tiny-completions"
 NO_EOS = {"ignore_eos": True}  # a vLLM extension: the tiny random model may emit EOS at any step
 PROMPT = "Once upon a time"
@@ -22,11 +17,8 @@ def model_dir(model_dir_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    config = EngineConfig(
-        model=str(model_dir), served_model_name=MODEL, device="cpu", num_kv_blocks=256, max_model_len=256
-    )
-    with BackgroundServer(create_app(AsyncLLM(config))) as running:
+def server(serve_tiny_model):
+    with serve_tiny_model(MODEL, arch="qwen3", num_kv_blocks=256, max_model_len=256) as running:
         yield running
 
 

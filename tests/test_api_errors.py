@@ -10,10 +10,7 @@ import openai
 import pytest
 
 import api.chat
-from api.app import create_app, start_draining
-from api.server import BackgroundServer
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
+from api.app import start_draining
 
 MODEL = "tiny-errors"
 API_KEY = "sk-test-errors"
@@ -22,15 +19,8 @@ USER = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture(scope="module")
-def server(model_dir_factory):
-    config = EngineConfig(
-        model=str(model_dir_factory("llama")),
-        served_model_name=MODEL,
-        device="cpu",
-        num_kv_blocks=128,
-        max_model_len=MAX_MODEL_LEN,
-    )
-    with BackgroundServer(create_app(AsyncLLM(config), api_key=API_KEY)) as running:
+def server(serve_tiny_model):
+    with serve_tiny_model(MODEL, api_key=API_KEY, num_kv_blocks=128, max_model_len=MAX_MODEL_LEN) as running:
         yield running
 
 

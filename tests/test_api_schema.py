@@ -19,11 +19,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from api.app import create_app
-from api.server import BackgroundServer
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-
 MODEL = "tiny-schema"
 MAX_EXAMPLES = 30
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -32,16 +27,9 @@ NEGATIVE = GenerationMode.NEGATIVE
 
 
 @pytest.fixture(scope="module")
-def server(model_dir_factory):
+def server(serve_tiny_model):
     # A short context keeps each generated request cheap, whatever n and max_tokens it asks for.
-    config = EngineConfig(
-        model=str(model_dir_factory("llama")),
-        served_model_name=MODEL,
-        device="cpu",
-        num_kv_blocks=256,
-        max_model_len=48,
-    )
-    with BackgroundServer(create_app(AsyncLLM(config))) as running:
+    with serve_tiny_model(MODEL, num_kv_blocks=256, max_model_len=48) as running:
         yield running
 
 

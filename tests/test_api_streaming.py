@@ -11,26 +11,14 @@ import httpx
 import openai
 import pytest
 
-from api.app import create_app
-from api.server import BackgroundServer
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-
 MODEL = "tiny-stream"
 USER = [{"role": "user", "content": "Tell me a story."}]
 NO_EOS = {"ignore_eos": True}  # a vLLM extension: the tiny random model may emit EOS at any step
 
 
 @pytest.fixture(scope="module")
-def server(model_dir_factory):
-    config = EngineConfig(
-        model=str(model_dir_factory("llama")),
-        served_model_name=MODEL,
-        device="cpu",
-        num_kv_blocks=512,
-        max_model_len=2048,
-    )
-    with BackgroundServer(create_app(AsyncLLM(config))) as running:
+def server(serve_tiny_model):
+    with serve_tiny_model(MODEL, num_kv_blocks=512, max_model_len=2048) as running:
         yield running
 
 

@@ -21,15 +21,11 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, Field
 from transformers import AutoTokenizer
 
-from api.app import create_app
 from api.chat import chat_events, collect_chat
 from api.protocol import ChatCompletionRequest
-from api.server import BackgroundServer
 from api.state import ServerState
 from api.tool_calls import ToolCallPlan, plan_tool_calls
 from api.tool_parsers import HermesToolParser, Llama3JsonToolParser
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
 from engine.outputs import CompletionOutput, RequestOutput
 
 needs_xgrammar = pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
@@ -123,15 +119,8 @@ TOOL_SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def server(model_dir_factory):
-    config = EngineConfig(
-        model=str(model_dir_factory("qwen3")),
-        served_model_name=MODEL,
-        device="cpu",
-        num_kv_blocks=512,
-        max_model_len=1024,
-    )
-    with BackgroundServer(create_app(AsyncLLM(config))) as running:
+def server(serve_tiny_model):
+    with serve_tiny_model(MODEL, arch="qwen3", num_kv_blocks=512, max_model_len=1024) as running:
         yield running
 
 
