@@ -214,7 +214,7 @@ def meta_model(config_path: str | Path, dtype: torch.dtype = torch.bfloat16) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.throughput import PRESETS, make_workload
+    from benchmarks.workload import PRESETS, make_workload
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     gpu_presets = [name for name, preset in PRESETS.items() if preset.config_file]

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.throughput import make_workload
+from benchmarks.workload import make_workload
 from engine import LLM, SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 

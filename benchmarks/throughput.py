@@ -14,205 +14,38 @@ On CUDA it also prints the card's roofline bound for the workload and a decode s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import inspect
 import json
 import logging
-import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from benchmarks import roofline
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("engine", "hf-generate", "hf-generate-batch")
-PROMPT_ID_LIMIT = 10_000  # nano-vllm draws prompt ids below 10000
-
-# A ~20M-parameter Qwen3 (19.3M: 6 layers of 2.16M plus a tied 16384 x 384 embedding). Its vocabulary
-# covers nano-vllm's prompt ids and keeps the LM head from dominating a CPU step.
-CPU_SMALL_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "model_type": "qwen3",
-    "vocab_size": 16384,
-    "hidden_size": 384,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 6,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "hidden_act": "silu",
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000,
-    "tie_word_embeddings": True,
-    "bos_token_id": 16382,
-    "eos_token_id": 16383,
-    "pad_token_id": 16383,
-    "torch_dtype": "float32",
-}
-
-
-@dataclass(frozen=True)
-class Preset:
-    device: str
-    dtype: str
-    num_seqs: int
-    min_input: int
-    max_input: int
-    min_output: int
-    max_output: int
-    max_model_len: int
-    repeat: int = 1  # timed runs per system; the best counts
-    config_file: str | None = None  # a published config.json (relative to the repo root)
-    config: dict[str, Any] | None = None  # or an inline one
-    # Targets from the issues: engine speedup over each baseline, share of the roofline bound,
-    # and the batch-1 decode step over weight bytes / bandwidth.
-    targets: dict[str, float] = field(default_factory=dict)
-
-
-PRESETS: dict[str, Preset] = {
-    "cpu-small": Preset(
-        device="cpu",
-        dtype="float32",
-        num_seqs=48,
-        min_input=16,
-        max_input=200,
-        min_output=16,
-        max_output=200,
-        max_model_len=512,
-        # A shared 2-core box is noisy: the best of three runs is the closest to what each system can do.
-        repeat=3,
-        config=CPU_SMALL_CONFIG,
-        targets={"hf-generate": 1.5, "hf-generate-batch": 2.0},
-    ),
-    "qwen3-0.6b": Preset(
-        device="cuda",
-        dtype="bfloat16",
-        num_seqs=256,
-        min_input=100,
-        max_input=1024,
-        min_output=100,
-        max_output=1024,
-        max_model_len=4096,
-        config_file=str(REPO_ROOT / "configs/models/qwen3-0.6b.json"),
-        targets={"hf-generate-batch": 3.0, "bound_share": 0.5, "batch1_over_weights": 1.5},
-    ),
-    "llama-3.1-8b": Preset(
-        device="cuda",
-        dtype="bfloat16",
-        num_seqs=256,
-        min_input=100,
-        max_input=1024,
-        min_output=100,
-        max_output=1024,
-        max_model_len=4096,
-        config_file=str(REPO_ROOT / "configs/models/llama-3.1-8b.json"),
-        targets={"bound_share": 0.6, "batch1_over_weights": 1.5},
-    ),
-}
-
-
-# ---- workload --------------------------------------------------------------------------------------
-
-
-def make_workload(
-    num_seqs: int,
-    min_input: int,
-    max_input: int,
-    min_output: int,
-    max_output: int,
-    vocab_size: int,
-    seed: int = 0,
-) -> tuple[list[list[int]], list[int]]:
-    """Prompts of random token ids and one output length per request, drawn in nano-vllm's order."""
-    rng = random.Random(seed)
-    id_limit = min(PROMPT_ID_LIMIT, vocab_size)
-    prompts = [[rng.randrange(id_limit) for _ in range(rng.randint(min_input, max_input))] for _ in range(num_seqs)]
-    output_lens = [rng.randint(min_output, max_output) for _ in range(num_seqs)]
-    return prompts, output_lens
-
-
-# ---- results ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class SystemResult:
-    system: str
-    output_tokens: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    note: str = ""
-    partial: bool = False  # stopped at its time limit: the rate covers the part that ran
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
-
-
-class Report:
-    """Everything measured, written to --json after every stage so a killed run keeps what it had."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-        self.data: dict[str, Any] = {"systems": {}}
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.flush()
-
-    def add_system(self, result: SystemResult) -> None:
-        self.data["systems"][result.system] = result.as_dict()
-        self.flush()
-
-    def flush(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if out.returncode != 0:
-        return "uncommitted"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
+from benchmarks.hf_baselines import load_model_only, model_for_transformers, run_hf_generate, run_hf_generate_batch
+from benchmarks.workload import (
+    PRESETS,
+    PROMPT_ID_LIMIT,
+    SYSTEMS,
+    Preset,
+    Report,
+    SystemResult,
+    best_of,
+    free_device_memory,
+    git_commit,
+    make_workload,
+    shifted_workloads,
+    sync_device,
+)
 
 # ---- the engine ------------------------------------------------------------------------------------
 
@@ -247,22 +80,6 @@ def _warmup_requests(vocab_size: int, count: int, max_len: int) -> list[list[int
     return [[rng.randrange(id_limit) for _ in range(rng.randint(4, max_len))] for _ in range(count)]
 
 
-def _best_of(runs: list[SystemResult]) -> SystemResult:
-    """The fastest of repeated runs; the note lists them all (the CPU box is shared and noisy)."""
-    best = max(runs, key=lambda r: r.tokens_per_s)
-    if len(runs) > 1:
-        rates = ", ".join(f"{r.tokens_per_s:.1f}" for r in runs)
-        best.note = "; ".join(x for x in (f"best of {len(runs)} runs ({rates} tok/s)", best.note) if x)
-    return best
-
-
-def shifted_workloads(prompts: list[list[int]], vocab_size: int, repeat: int) -> list[list[list[int]]]:
-    """One copy of the prompts per repeat, each id shifted by the repeat's index: the same lengths,
-    but no prompt of a later repeat can hit the prefix cache filled by an earlier one."""
-    id_limit = min(PROMPT_ID_LIMIT, vocab_size)
-    return [[[(t + r) % id_limit for t in p] for p in prompts] for r in range(repeat)]
-
-
 def run_engine(llm, workloads: list[list[list[int]]], output_lens: list[int], temperature: float) -> SystemResult:
     from engine import SamplingParams
 
@@ -275,10 +92,10 @@ def run_engine(llm, workloads: list[list[list[int]]], output_lens: list[int], te
     runs = []
     for prompts in workloads:
         load_before = os.getloadavg()[0]
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
-        _sync(device)
+        sync_device(device)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         notes = [] if tokens == sum(output_lens) else [f"generated {tokens} tokens, {sum(output_lens)} requested"]
@@ -287,7 +104,7 @@ def run_engine(llm, workloads: list[list[list[int]]], output_lens: list[int], te
         if device.type == "cpu":
             notes.append(f"load {load_before:.1f}")
         runs.append(SystemResult("engine", tokens, seconds, note="; ".join(notes)))
-    result = _best_of(runs)
+    result = best_of(runs)
     result.note += f"; kv blocks {llm.stats()['kv_blocks_total']}"
     return result
 
@@ -305,294 +122,15 @@ def measure_decode_batch1(llm, temperature: float, prompt_len: int = 128, num_st
     )
     engine.add_request("decode-batch1", prompt, params)
     engine.step()  # the prefill, which also samples the first token
-    _sync(engine.device)
+    sync_device(engine.device)
     start = time.perf_counter()
     steps = 0
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-    _sync(engine.device)
+    sync_device(engine.device)
     seconds = time.perf_counter() - start
     return {"steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps)}
-
-
-def model_for_transformers(llm) -> torch.nn.Module:
-    """The engine's model with the engine gone: its KV cache and CUDA graphs freed, attention on SDPA."""
-    model = llm.engine.runner.model
-    # Drop the cache first in case something else still holds the engine.
-    llm.engine.runner.kv_caches = []
-    llm.engine.runner.graph_runner = None
-    use_sdpa(model)
-    return model
-
-
-def use_sdpa(model: torch.nn.Module) -> None:
-    # set_attn_implementation also updates sub-configs; older versions only read the config field.
-    try:
-        model.set_attn_implementation("sdpa")
-    except (AttributeError, ValueError, ImportError):
-        model.config._attn_implementation = "sdpa"
-    model.config._attn_implementation = "sdpa"
-
-
-def load_model_only(args: argparse.Namespace, model_dir: str) -> torch.nn.Module:
-    """The model the engine would build (same seed, same weights), without a KV cache or graphs."""
-    from engine.config import EngineConfig
-    from engine.loader import load
-
-    config = EngineConfig(
-        model=model_dir,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-    )
-    model = load(config).model
-    use_sdpa(model)
-    return model
-
-
-# ---- transformers baselines ----------------------------------------------------------------------
-
-
-class _Deadline(StoppingCriteria):
-    """A stopping criterion for `generate` that ends the batch once the time limit has passed."""
-
-    def __init__(self, deadline: float | None) -> None:
-        super().__init__()
-        self.deadline = deadline
-        self.hit = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        stop = self.deadline is not None and time.perf_counter() > self.deadline
-        self.hit = self.hit or stop
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-def _sampling_config(temperature: float, **kwargs: Any):
-    from transformers import GenerationConfig
-
-    # top_k=0 and top_p=1.0 turn off the warpers a model's default generation config may carry, so
-    # transformers samples from the same distribution as the engine.
-    if temperature > 0:
-        return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **kwargs)
-    return GenerationConfig(do_sample=False, **kwargs)
-
-
-def _hf_generate_batch(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    pad_id: int,
-    stopping: _Deadline | None = None,
-) -> int:
-    """One static batch, left-padded; returns how many tokens each row generated."""
-    device = model.device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    # min_new_tokens = max_new_tokens: EOS can never end a row early (ignore_eos, as the engine).
-    config = _sampling_config(
-        temperature, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad_id
-    )
-    criteria = StoppingCriteriaList([stopping] if stopping is not None else [])
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-            stopping_criteria=criteria,
-        )
-    return out.shape[1] - width
-
-
-def run_hf_generate(
-    model: torch.nn.Module,
-    workloads: list[list[list[int]]],
-    output_lens: list[int],
-    temperature: float,
-    batch_size: int,
-    time_limit: float | None,
-) -> SystemResult:
-    """Static batches in workload order; each runs to its longest requested output."""
-    device = model.device
-    pad_id = 0  # any id: padded positions are masked out
-    _hf_generate_batch(model, [p[:16] for p in workloads[0][:2]], 4, temperature, pad_id)
-    runs = []
-    for prompts in workloads:
-        load_before = os.getloadavg()[0]
-        _sync(device)
-        start = time.perf_counter()
-        deadline = _Deadline(None if time_limit is None else start + time_limit)
-        useful = 0
-        batches_done = 0
-        num_batches = math.ceil(len(prompts) / batch_size)
-        for first in range(0, len(prompts), batch_size):
-            batch_prompts = prompts[first : first + batch_size]
-            batch_outputs = output_lens[first : first + batch_size]
-            generated = _hf_generate_batch(model, batch_prompts, max(batch_outputs), temperature, pad_id, deadline)
-            # Only the tokens a request asked for are useful; the rest is static batching's padding.
-            useful += sum(min(n, generated) for n in batch_outputs)
-            batches_done += 1
-            if deadline.hit:
-                break
-        _sync(device)
-        seconds = time.perf_counter() - start
-        note = f"batch size {batch_size}"
-        if device.type == "cpu":
-            note += f"; load {load_before:.1f}"
-        if deadline.hit:
-            note += f"; stopped at the {time_limit:.0f} s limit in batch {batches_done}/{num_batches}"
-        runs.append(SystemResult("hf-generate", useful, seconds, note=note, partial=deadline.hit))
-        if deadline.hit:
-            break  # out of time: no further repeats
-    return _best_of(runs)
-
-
-def _init_cb_manager(model: torch.nn.Module, temperature: float, prompts: list[list[int]], output_lens: list[int]):
-    """transformers' continuous batching manager, across the API changes from 5.17 on."""
-    config = _sampling_config(temperature, max_new_tokens=max(output_lens), pad_token_id=0)
-    config.eos_token_id = -1  # no EOS: requests run to their own max_new_tokens (ignore_eos)
-    kwargs: dict[str, Any] = {"generation_config": config}
-    accepted = inspect.signature(model.init_continuous_batching).parameters
-    if "workload_hints" in accepted:
-        try:
-            from transformers.generation.continuous_batching.utils import WorkloadHints
-
-            hint_fields = inspect.signature(WorkloadHints).parameters
-            hints = {
-                "max_prompt_length": max(len(p) for p in prompts),
-                "max_generated_length": max(output_lens),
-                "num_requests": len(prompts),
-            }
-            kwargs["workload_hints"] = WorkloadHints(**{k: v for k, v in hints.items() if k in hint_fields})
-        except ImportError:
-            pass
-    return model.init_continuous_batching(**kwargs)
-
-
-def _stop_cb_manager(manager) -> None:
-    try:
-        manager.stop(block=True, timeout=30)
-    finally:
-        if hasattr(manager, "destroy"):
-            manager.destroy()
-
-
-def run_hf_generate_batch(
-    model: torch.nn.Module,
-    workloads: list[list[list[int]]],
-    output_lens: list[int],
-    temperature: float,
-    time_limit: float | None,
-) -> SystemResult:
-    """transformers' continuous batching, each request with its own max_new_tokens (the manager API;
-    `generate_batch` itself takes one max_new_tokens for all requests)."""
-    device = model.device
-    manager = _init_cb_manager(model, temperature, workloads[0], output_lens)
-    runs = []
-    try:
-        if hasattr(manager, "warmup"):
-            manager.warmup()  # captures its CUDA graphs; not timed, as the engine's capture is not
-        manager.start()
-        warmup_ids = [
-            manager.add_request(input_ids=p[:16], request_id=f"warmup-{i}", max_new_tokens=4, eos_token_id=-1)
-            for i, p in enumerate(workloads[0][:2])
-        ]
-        _collect_cb_results(manager, set(warmup_ids), time.perf_counter() + 300)
-        for repeat, prompts in enumerate(workloads):
-            run = _timed_cb_run(manager, prompts, output_lens, time_limit, device, tag=f"r{repeat}")
-            runs.append(run)
-            if run.partial:
-                break
-    finally:
-        _stop_cb_manager(manager)
-    return _best_of(runs)
-
-
-def _timed_cb_run(
-    manager,
-    prompts: list[list[int]],
-    output_lens: list[int],
-    time_limit: float | None,
-    device: torch.device,
-    tag: str,
-) -> SystemResult:
-    load_before = os.getloadavg()[0]
-    _sync(device)
-    start = time.perf_counter()
-    requested = {}
-    for i, (prompt, num_out) in enumerate(zip(prompts, output_lens)):
-        request_id = manager.add_request(
-            input_ids=prompt, request_id=f"bench-{tag}-{i}", max_new_tokens=num_out, eos_token_id=-1
-        )
-        if request_id is None:
-            raise RuntimeError("the continuous batching manager refused a request")
-        requested[request_id] = num_out
-    deadline = None if time_limit is None else start + time_limit
-    results, reason = _collect_cb_results(manager, set(requested), deadline)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    errors = [r.error for r in results.values() if getattr(r, "error", None)]
-    finished_ok = [rid for rid, r in results.items() if not getattr(r, "error", None)]
-    tokens = sum(min(len(results[rid].generated_tokens), requested[rid]) for rid in finished_ok)
-    partial = len(finished_ok) < len(requested)
-    notes = []
-    if partial:
-        unfinished = {rid: n for rid, n in requested.items() if rid not in results}
-        in_flight = _in_flight_tokens(manager, unfinished)
-        if in_flight is None:
-            counted = "their tokens not counted"
-        else:
-            tokens += in_flight
-            counted = f"{in_flight} tokens of theirs counted"
-        notes.append(f"{len(finished_ok)}/{len(requested)} requests finished ({reason}); {counted}")
-        for rid in unfinished:
-            with contextlib.suppress(Exception):
-                manager.cancel_request(rid)
-    if errors:
-        notes.append(f"{len(errors)} failed: {errors[0]}")
-    if device.type == "cpu":
-        notes.append(f"load {load_before:.1f}")
-    return SystemResult("hf-generate-batch", tokens, seconds, note="; ".join(notes), partial=partial)
-
-
-def _in_flight_tokens(manager, unfinished: dict[str, int]) -> int | None:
-    """Tokens generated so far by requests still running in transformers' manager, read from its
-    scheduler's state (internals that differ between versions: None when they cannot be read)."""
-    try:
-        states = dict(manager.batch_processor.scheduler.active_requests)
-    except AttributeError:
-        return None
-    total = 0
-    for rid, state in states.items():
-        if rid in unfinished:
-            generated = getattr(state, "generated_tokens", None) or getattr(state, "static_outputs", None) or []
-            total += min(len(generated), unfinished[rid])
-    return total
-
-
-def _collect_cb_results(manager, pending: set[str], deadline: float | None) -> tuple[dict[str, Any], str]:
-    results: dict[str, Any] = {}
-    pending = set(pending)
-    while pending:
-        if deadline is not None and time.perf_counter() > deadline:
-            return results, "time limit"
-        result = manager.get_result(timeout=0.5)
-        if result is None:
-            if not manager.is_running():
-                return results, "its generation thread stopped"
-            continue
-        if result.request_id in pending and result.is_finished():
-            results[result.request_id] = result
-            pending.discard(result.request_id)
-    return results, "done"
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -726,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {
             "preset": args.preset,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "commit": _git_commit(),
+            "commit": git_commit(),
             "card": card,
             "device": str(device),
             "dtype": args.dtype,
@@ -772,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = None
     if "engine" in args.systems:
         model = _engine_stage(args, model_dir, workloads, output_lens, report, measured, results)
-        _free_device_memory(device)
+        free_device_memory(device)
         if device.type == "cuda":
             # What the baselines start with: only the model's weights should still be allocated.
             report.set("cuda_allocated_after_engine_gib", torch.cuda.memory_allocated(device) / 2**30)
@@ -804,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         results.append(result)
         report.add_system(result)
-        _free_device_memory(device)
+        free_device_memory(device)
 
     engine_rate = next((r.tokens_per_s for r in results if r.system == "engine" and not r.error), None)
     for line in _format_table(results, engine_rate):
