@@ -64,5 +64,17 @@ def stream_content(chunk_model: type[BaseModel]) -> dict[str, Any]:
     return {
         "description": "The completion, or with `stream: true` an event stream of chunks shaped like "
         f"{chunk_model.__name__}, ended by `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # Tools that validate streams (schemathesis) check each server-sent event against this schema.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {"type": "string", "description": "a JSON chunk, or [DONE]"},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
     }
