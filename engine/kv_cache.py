@@ -151,9 +151,7 @@ class KVCacheManager:
             return
         parent = request.block_hashes[-1] if request.block_hashes else _ROOT_HASH
         for index in range(start, num_full):
-            tokens = tuple(
-                request.token_id_at(p) for p in range(index * self.block_size, (index + 1) * self.block_size)
-            )
+            tokens = tuple(request.token_ids_in(index * self.block_size, (index + 1) * self.block_size))
             key = (parent, tokens)
             self.pool.register(request.block_ids[index], key)
             parent = hash(key)

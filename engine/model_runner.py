@@ -43,16 +43,6 @@ class StepInputs:
     is_decode_only: bool
 
 
-def _tokens_in_range(request: Request, start: int, end: int) -> list[int]:
-    """Token ids at positions [start, end) without concatenating prompt and output."""
-    num_prompt = request.num_prompt_tokens
-    if start >= num_prompt:
-        return request.output_token_ids[start - num_prompt : end - num_prompt]
-    if end <= num_prompt:
-        return request.prompt_token_ids[start:end]
-    return request.prompt_token_ids[start:] + request.output_token_ids[: end - num_prompt]
-
-
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.model = loaded.model
@@ -193,7 +183,7 @@ class ModelRunner:
             if end - start == 1 and start >= request.num_prompt_tokens:
                 token_ids.append(request.output_token_ids[start - request.num_prompt_tokens])
             else:
-                token_ids.extend(_tokens_in_range(request, start, end))
+                token_ids.extend(request.token_ids_in(start, end))
             if end == request.num_tokens:
                 sampled.append(request)
                 sampled_rows.append(row)
