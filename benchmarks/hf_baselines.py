@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from benchmarks.workload import SystemResult, best_of, sync_device
+from benchmarks.workload import SystemResult, best_of, dummy_engine_config, sync_device
 
 
 def model_for_transformers(llm) -> torch.nn.Module:
@@ -40,18 +40,9 @@ def use_sdpa(model: torch.nn.Module) -> None:
 
 def load_model_only(args: argparse.Namespace, model_dir: str) -> torch.nn.Module:
     """The model the engine would build (same seed, same weights), without a KV cache or graphs."""
-    from engine.config import EngineConfig
     from engine.loader import load
 
-    config = EngineConfig(
-        model=model_dir,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-    )
+    config = dummy_engine_config(args, model_dir)
     model = load(config).model
     use_sdpa(model)
     return model

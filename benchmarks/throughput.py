@@ -40,6 +40,7 @@ from benchmarks.workload import (
     Report,
     SystemResult,
     best_of,
+    dummy_engine_config,
     free_device_memory,
     git_commit,
     make_workload,
@@ -53,25 +54,7 @@ from benchmarks.workload import (
 def build_engine(args: argparse.Namespace, model_dir: str):
     from engine import LLM
 
-    overrides = {
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "enforce_eager": args.enforce_eager,
-        "attention_backend": args.attention_backend,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "num_kv_blocks": args.num_kv_blocks,
-        "kv_cache_memory": args.kv_cache_memory,
-    }
-    return LLM(
-        model=model_dir,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
+    return LLM(config=dummy_engine_config(args, model_dir))
 
 
 def _warmup_requests(vocab_size: int, count: int, max_len: int) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import random
@@ -202,3 +203,28 @@ def shifted_workloads(prompts: list[list[int]], vocab_size: int, repeat: int) ->
     but no prompt of a later repeat can hit the prefix cache filled by an earlier one."""
     id_limit = min(PROMPT_ID_LIMIT, vocab_size)
     return [[[(t + r) % id_limit for t in p] for p in prompts] for r in range(repeat)]
+
+
+def dummy_engine_config(args: argparse.Namespace, model_dir: str):
+    """The engine settings of a benchmark run: the config's architecture with seeded dummy weights."""
+    from engine.config import EngineConfig
+
+    overrides = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enforce_eager": args.enforce_eager,
+        "attention_backend": args.attention_backend,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "num_kv_blocks": args.num_kv_blocks,
+        "kv_cache_memory": args.kv_cache_memory,
+    }
+    return EngineConfig(
+        model=model_dir,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )

@@ -10,6 +10,7 @@ import sys
 import jsonschema
 import pytest
 import torch
+from shared_specs import SCHEMAS
 
 from engine import LLM, SamplingParams
 from engine.structured_outputs import StructuredOutputsParams, apply_token_bitmask
@@ -17,57 +18,6 @@ from engine.structured_outputs import StructuredOutputsParams, apply_token_bitma
 needs_xgrammar = pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
 
 PROMPTS = ["Give me JSON", "Héllo wörld, καλημέρα 世界", "{", "The quick brown fox", "1 2 3"]
-
-# Every leaf is bounded (enums, integer ranges, maxLength, maxItems), so a model that talks noise
-# still reaches the end of the object well within max_tokens.
-SCHEMAS = {
-    "enum": {
-        "type": "object",
-        "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
-        "required": ["color", "ok"],
-    },
-    "nested": {
-        "type": "object",
-        "properties": {
-            "user": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "minLength": 1, "maxLength": 8},
-                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                },
-                "required": ["name", "age"],
-            },
-            "active": {"type": "boolean"},
-        },
-        "required": ["user"],
-    },
-    "array": {
-        "type": "object",
-        "properties": {
-            "ids": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0, "maximum": 999},
-                "minItems": 1,
-                "maxItems": 4,
-            }
-        },
-        "required": ["ids"],
-    },
-    "number": {
-        "type": "object",
-        "properties": {"x": {"type": "number", "minimum": -10, "maximum": 10}, "n": {"type": "null"}},
-        "required": ["x"],
-    },
-    "optional": {
-        "type": "object",
-        "properties": {
-            "a": {"type": "integer", "minimum": 0, "maximum": 9},
-            "b": {"type": "string", "maxLength": 4},
-            "c": {"enum": [1, "two", None]},
-        },
-        "required": ["a"],
-    },
-}
 
 
 @pytest.fixture(scope="module")

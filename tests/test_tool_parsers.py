@@ -8,6 +8,7 @@ import random
 
 import jsonschema
 import pytest
+from shared_specs import TOOLS
 
 from api.tool_parsers import (
     TOOL_PARSERS,
@@ -200,38 +201,6 @@ def test_parser_registry_and_template_detection():
 
 # ---- forced tool calls ------------------------------------------------------------------------------
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "minLength": 1, "maxLength": 8},
-                    "unit": {"enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["city"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "search",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "query": {"type": "string", "maxLength": 10},
-                    "limit": {"type": "integer", "minimum": 1, "maximum": 10},
-                },
-                "required": ["query", "limit"],
-            },
-        },
-    },
-    {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments are {}
-]
 SCHEMAS = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in TOOLS}
 
 
