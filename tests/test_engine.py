@@ -202,3 +202,22 @@ def test_abort_of_n_samples_before_their_prompt_is_computed(llm):
     assert sorted(c.finish_reason for c in final.outputs) == ["abort"] * 3
     assert not engine.has_unfinished_requests() and _all_blocks_free(llm)
     assert llm.stats()["num_waiting"] == 0
+
+
+def test_a_budget_smaller_than_the_batch_still_advances_every_request(model_dir):
+    # 6 tokens per step for 10 requests: a request is admitted only with budget left after every running
+    # request got its tokens, so no running request is ever skipped.
+    llm = LLM(model=str(model_dir), device="cpu", max_num_batched_tokens=6, num_kv_blocks=64)
+    scheduler = llm.engine.scheduler
+    schedule = scheduler.schedule
+    skipped = []
+
+    def checked_schedule():
+        batch = schedule()
+        skipped.append(len([r for r in scheduler.running if r not in batch.requests]))
+        return batch
+
+    scheduler.schedule = checked_schedule
+    outs = llm.generate([[i + 10] * 3 for i in range(10)], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [8] * 10
+    assert max(skipped) == 0
