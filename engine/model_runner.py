@@ -248,6 +248,12 @@ class ModelRunner:
             ).last_hidden_state[0]
         return self.lm_head(hidden[logits_indices])
 
+    @staticmethod
+    def sampler_row(request: Request) -> SamplingRow:
+        return SamplingRow(
+            request.params, request.prompt_token_ids, request.output_token_ids, request.generator, request.grammar
+        )
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         inputs = self.prepare(batch)
@@ -258,10 +264,7 @@ class ModelRunner:
             logits = self.graph_runner.run(inputs)
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
-        rows = [
-            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.grammar)
-            for r in inputs.sampled_requests
-        ]
+        rows = [self.sampler_row(r) for r in inputs.sampled_requests]
         output = self.sampler(logits, rows)
         return StepResult(inputs.sampled_requests, output.token_ids.tolist(), output.logprobs)
 

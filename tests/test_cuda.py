@@ -211,3 +211,30 @@ def test_every_block_is_free_after_requests_finish_or_abort(model_dir_factory):
     while engine.has_unfinished_requests():
         engine.step()
     assert _all_blocks_free(llm)
+
+
+def test_a_decode_step_syncs_with_the_host_only_to_read_its_tokens(model_dir_factory):
+    """Graph replay and sampling queue work without waiting for the GPU (issue 4): the one sync of a
+    step is reading the sampled tokens back."""
+    from engine import SamplingParams
+
+    llm = _engine(model_dir_factory("qwen3"), "bfloat16")
+    engine = llm.engine
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.1, max_tokens=8, seed=3)
+    for i in range(4):
+        engine.add_request(f"sync-{i}", [11 + i] * (5 + i), params)
+    engine.step()  # the prefill
+    runner = engine.runner
+    batch = engine.scheduler.schedule()
+    inputs = runner.prepare(batch)
+    assert inputs.is_decode_only and runner.graph_runner.can_run(len(batch))
+    rows = [runner.sampler_row(r) for r in inputs.sampled_requests]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            logits = runner.graph_runner.run(inputs)
+            sampled = runner.sampler(logits, rows).token_ids
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sampled.shape == (4,)
