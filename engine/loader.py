@@ -80,6 +80,7 @@ def load(config: EngineConfig) -> LoadedModel:
 
         model_path = str(demo_model_path())
         served_name = served_name or DEMO_MODEL_ID
+        logger.warning("No model given: running the built-in demo model (random weights: its replies are noise)")
     served_name = served_name or model_path
     device = resolve_device(config.device)
     hf_config = AutoConfig.from_pretrained(model_path)
