@@ -274,3 +274,21 @@ def test_a_batch_with_one_bad_prompt_leaves_the_engine_serving(http):
     assert http.get("/health").status_code == 200
     ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_health_is_503_and_requests_fail_cleanly_once_the_engine_loop_has_died(serve_tiny_model):
+    with serve_tiny_model("dying", num_kv_blocks=32, max_model_len=128) as running:
+        client = httpx.Client(base_url=running.url, timeout=30)
+        engine = running.app.state.sluice.engine
+        assert client.get("/health").status_code == 200
+
+        def broken_step():
+            raise RuntimeError("simulated engine bug")
+
+        engine.engine.step = broken_step
+        body = {"model": "dying", "messages": USER, "max_tokens": 2}
+        failed = client.post("/v1/chat/completions", json=body)
+        assert failed.status_code == 503
+        assert failed.json()["error"]["code"] == "engine_dead" and "Traceback" not in failed.text
+        assert client.get("/health").status_code == 503
+        assert client.post("/v1/chat/completions", json=body).status_code == 503
