@@ -210,10 +210,11 @@ class LLMEngine:
         outputs = []
         for user_request in touched.values():
             self._release_pending(user_request)
-            output = self._make_output(user_request)
+            finished = user_request.finished
+            output = self._make_output(user_request, finished)
             if output is not None:
                 outputs.append(output)
-            if user_request.finished:
+            if finished:
                 del self.requests[user_request.request_id]
         return outputs
 
@@ -267,9 +268,10 @@ class LLMEngine:
 
     # ---- outputs -----------------------------------------------------------------------------
 
-    def _make_output(self, user_request: UserRequest) -> RequestOutput | None:
+    def _make_output(self, user_request: UserRequest, finished: bool | None = None) -> RequestOutput | None:
         kind = user_request.params.output_kind
-        finished = user_request.finished
+        if finished is None:
+            finished = user_request.finished
         if kind == OutputKind.FINAL_ONLY and not finished:
             return None
         completions = []
