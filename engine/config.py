@@ -28,6 +28,9 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: never capture CUDA graphs
+    # Schedule and launch step N+1 before reading step N's tokens, so host work overlaps the GPU.
+    # None: on for CUDA, off for the CPU (where the forward runs on the host and nothing overlaps).
+    async_scheduling: bool | None = None
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False  # token-id prompts only, no text (benchmarks of dummy models)
 

@@ -142,10 +142,11 @@ class KVCacheManager:
         return True
 
     def cache_computed_blocks(self, request: Request) -> None:
-        """Record every full block whose tokens all have K/V now, so later prompts can reuse it."""
+        """Record every full block whose tokens are computed (or queued) and known to the host, so
+        later prompts can reuse it. A token still in flight is not known: its block waits."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         start = len(request.block_hashes)
         if num_full <= start:
             return

@@ -11,12 +11,12 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.loader import load
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import make_generator
 from engine.sampling_params import OutputKind, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.structured_outputs import GrammarManager
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,11 @@ class LLMEngine:
         self.runner = ModelRunner(loaded, config)
         self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        )
+        # With async scheduling: the step launched last, whose tokens the next step() reads.
+        self._in_flight: LaunchedStep | None = None
         self.requests: dict[str, UserRequest] = {}
         self.prompt_tokens_total = 0
         self.num_pending_samples = 0  # n > 1 siblings not yet handed to the scheduler
@@ -195,18 +200,53 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the outputs of the tokens that became known.
+
+        Synchronous scheduling reads the step's own tokens before returning. Async scheduling
+        launches step N+1 first and reads step N's tokens while the device computes N+1, so the
+        host's bookkeeping (stop checks, detokenizing, outputs, the next schedule) hides behind the
+        GPU. The costs: outputs come one step later, and a sequence that stops at step N has computed
+        one more token in step N+1 that is thrown away.
+        """
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._next_step_needs_tokens(self._in_flight):
+            outputs = self._collect(self._in_flight)
+            self._in_flight = None
         batch = self.scheduler.schedule()
-        if not batch.requests:
-            return []
-        result = self.runner.execute(batch)
-        self.scheduler.mark_computed(batch)
+        launched = self._launch(batch) if batch.requests else None
+        if self._in_flight is not None:
+            outputs = self._collect(self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            outputs = self._collect(launched)
+            self._in_flight = None
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        launched = self.runner.launch(batch)
+        self.scheduler.cache_computed_blocks(batch.requests)
+        for sequence in launched.sampled_requests:
+            sequence.num_inflight_tokens += 1
+        return launched
+
+    @staticmethod
+    def _next_step_needs_tokens(launched: LaunchedStep) -> bool:
+        return any(s.params.needs_known_outputs and not s.is_finished for s in launched.sampled_requests)
+
+    def _collect(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and hand them to their sequences."""
+        result = launched.result()
         touched: dict[str, UserRequest] = {}
         logprobs = result.logprobs or [None] * len(result.token_ids)
         for sequence, token_id, token_logprob in zip(result.sampled_requests, result.token_ids, logprobs):
+            sequence.num_inflight_tokens -= 1
+            if sequence.is_finished:  # stopped or aborted while this step ran: the token is surplus
+                continue
             self._append_token(sequence, token_id, token_logprob)
+            self.kv_cache.cache_computed_blocks(sequence)  # a block the token completes
+            self.generation_tokens_total += 1
             user_request = self.requests[sequence.user_request_id]
             touched[user_request.request_id] = user_request
-        self.generation_tokens_total += len(result.token_ids)
         outputs = []
         for user_request in touched.values():
             self._release_pending(user_request)

@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.loader import LoadedModel
 from engine.outputs import TokenLogprob
 from engine.request import Request
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplerOutput, SamplingRow, unpack_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 
@@ -31,6 +31,39 @@ class StepResult:
     sampled_requests: list[Request]  # the requests that got a new token, in batch order
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None
+
+
+class LaunchedStep:
+    """A step queued on the device. Its sampled tokens are copied to pinned host memory behind it,
+    so reading them (`result`) waits for this step only, not for steps queued after it."""
+
+    def __init__(self, sampled_requests: list[Request], output: SamplerOutput | None = None) -> None:
+        self.sampled_requests = sampled_requests
+        self._num_logprobs = output.num_logprobs if output is not None else []
+        self._host_tokens: torch.Tensor | None = None
+        self._host_logprobs: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if output is None:
+            return
+        if output.token_ids.device.type == "cuda":
+            self._host_tokens = _to_pinned_host(output.token_ids)
+            if output.packed_logprobs is not None:
+                self._host_logprobs = _to_pinned_host(output.packed_logprobs)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host_tokens = output.token_ids
+            self._host_logprobs = output.packed_logprobs
+
+    def result(self) -> StepResult:
+        if self._ready is not None:
+            self._ready.synchronize()
+        if self._host_tokens is None:
+            return StepResult([], [], None)
+        logprobs = None
+        if self._host_logprobs is not None:
+            logprobs = unpack_logprobs(self._host_logprobs.tolist(), self._num_logprobs)
+        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs)
 
 
 @dataclass
@@ -66,6 +99,10 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner = None
+        # The last launched step's sampled tokens, still on the device, and each request's row in
+        # them: the next step reads the input ids of tokens still in flight from here.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sampled_rows: dict[Request, int] = {}
         self.num_kv_blocks = self._size_kv_cache(config)
         self._allocate_kv_cache(self.num_kv_blocks)
         logger.info(
@@ -170,7 +207,7 @@ class ModelRunner:
         """
         num_seqs = len(batch)
         num_new = np.fromiter(batch.num_new_tokens, dtype=np.int64, count=num_seqs)
-        starts = np.fromiter((r.num_computed_tokens for r in batch.requests), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter(batch.starts, dtype=np.int64, count=num_seqs)
         ends = starts + num_new
         num_tokens = int(num_new.sum())
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
@@ -179,12 +216,21 @@ class ModelRunner:
         token_ids: list[int] = []
         sampled: list[Request] = []
         sampled_rows: list[int] = []
+        # Tokens sampled by the previous step and not yet read by the host: their input ids are
+        # copied on the device from that step's output (positions in this batch, rows in that output).
+        inflight_positions: list[int] = []
+        inflight_sources: list[int] = []
         for row, (request, start, end) in enumerate(zip(batch.requests, starts.tolist(), ends.tolist())):
-            if end - start == 1 and start >= request.num_prompt_tokens:
+            num_known = request.num_tokens
+            if start >= num_known:  # a decode of the token in flight (the scheduler gives it alone)
+                inflight_positions.append(len(token_ids))
+                inflight_sources.append(self._last_sampled_rows[request])
+                token_ids.append(0)
+            elif end - start == 1 and start >= request.num_prompt_tokens:
                 token_ids.append(request.output_token_ids[start - request.num_prompt_tokens])
             else:
                 token_ids.extend(request.token_ids_in(start, end))
-            if end == request.num_tokens:
+            if end == num_known + request.num_inflight_tokens:
                 sampled.append(request)
                 sampled_rows.append(row)
         logits_indices = query_start_loc[1:][sampled_rows] - 1
@@ -202,15 +248,30 @@ class ModelRunner:
             + positions % self.block_size
         )
 
+        num_inflight = len(inflight_positions)
         longs = _to_device(
-            np.concatenate([np.asarray(token_ids, dtype=np.int64), positions, slot_mapping, logits_indices]),
+            np.concatenate(
+                [
+                    np.asarray(token_ids, dtype=np.int64),
+                    positions,
+                    slot_mapping,
+                    logits_indices,
+                    np.asarray(inflight_positions + inflight_sources, dtype=np.int64),
+                ]
+            ),
             self.device,
         )
         ints = _to_device(
             np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()]),
             self.device,
         )
-        input_ids, positions_d, slots_d, logits_d = longs.split([num_tokens, num_tokens, num_tokens, len(sampled)])
+        input_ids, positions_d, slots_d, logits_d, inflight_d = longs.split(
+            [num_tokens, num_tokens, num_tokens, len(sampled), 2 * num_inflight]
+        )
+        if num_inflight:
+            input_ids.index_copy_(
+                0, inflight_d[:num_inflight], self._last_sampled.index_select(0, inflight_d[num_inflight:])
+            )
         qsl_d, seq_lens_d, tables_d = ints.split([num_seqs + 1, num_seqs, block_tables.size])
         metadata = AttentionMetadata(
             slot_mapping=slots_d,
@@ -255,23 +316,36 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue the step's forward pass and sampling on the device; never waits for the device."""
         inputs = self.prepare(batch)
         if not inputs.sampled_requests:
             self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
-            return StepResult([], [], None)
+            return LaunchedStep([])
         if inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch)):
             logits = self.graph_runner.run(inputs)
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
         rows = [self.sampler_row(r) for r in inputs.sampled_requests]
         output = self.sampler(logits, rows)
-        return StepResult(inputs.sampled_requests, output.token_ids.tolist(), output.logprobs)
+        self._last_sampled = output.token_ids
+        self._last_sampled_rows = {request: row for row, request in enumerate(inputs.sampled_requests)}
+        return LaunchedStep(inputs.sampled_requests, output)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(array)
-    return tensor if device.type == "cpu" else tensor.to(device)
+    if device.type == "cpu":
+        return tensor
+    # From pinned memory the copy is asynchronous: a pageable one would wait for all queued work.
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    """An asynchronous device-to-host copy; valid once the work queued so far has finished."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:

@@ -26,10 +26,13 @@ class RequestStatus(enum.Enum):
 class Request:
     """A sequence to generate. A user request with n > 1 becomes n of these (one per sample).
 
-    Its tokens are prompt + output; num_computed_tokens of them have K/V in the cache. Each step
-    computes the next slice of uncomputed tokens; when a slice reaches the end of the tokens, the
-    step samples one more. That single rule covers prefill, chunked prefill, decode, prefix-cache
-    hits (which advance num_computed_tokens for free) and recompute after preemption.
+    Its tokens are prompt + output; num_computed_tokens of them have K/V in the cache (or are
+    queued to). Each step computes the next slice of uncomputed tokens; when a slice reaches the
+    end of the tokens, the step samples one more. That single rule covers prefill, chunked
+    prefill, decode, prefix-cache hits (which advance num_computed_tokens for free) and recompute
+    after preemption. With async scheduling, a token still being sampled on the device counts as
+    a token too: the next step computes it, reading its input id on the device, before the host
+    knows its value.
     """
 
     request_id: str  # the sequence id: "<user request id>" or "<user request id>#<index>"
@@ -42,7 +45,12 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # Tokens scheduled for a forward pass, including the step queued on the device right now: a
+    # step may be scheduled before the previous one finishes (their K/V is written in step order).
     num_computed_tokens: int = 0
+    # Tokens sampled on the device whose values the host has not read yet (0 to 2 while steps
+    # overlap). They count as tokens of the sequence when scheduling its next step.
+    num_inflight_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of this sequence's full blocks
@@ -62,6 +70,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_target(self) -> int:
+        """The tokens a step may compute: the known ones plus those still being sampled."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

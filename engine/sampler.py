@@ -47,8 +47,18 @@ class SamplingRow:
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64, on the logits' device
-    # One entry per row when any row asked for logprobs; rows that did not ask hold None.
-    logprobs: list[TokenLogprob | None] | None
+    # Still on the device, so that sampling never waits for the GPU: per row the chosen id, its
+    # logprob, then the top-k ids and their logprobs (float64); None when no row asked for logprobs.
+    packed_logprobs: torch.Tensor | None
+    num_logprobs: list[int | None]  # per row the k it asked for; None: no logprobs
+
+    @property
+    def logprobs(self) -> list[TokenLogprob | None] | None:
+        """One entry per row when any row asked for logprobs (rows that did not hold None); reads
+        them from the device."""
+        if self.packed_logprobs is None:
+            return None
+        return unpack_logprobs(self.packed_logprobs.tolist(), self.num_logprobs)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -92,10 +102,10 @@ class Sampler:
         else:
             token_ids = self._sample_random(processed, rows, greedy)
 
-        logprobs = None
+        packed = None
         if raw_logprobs is not None:
-            logprobs = _gather_logprobs(raw_logprobs, token_ids, params)
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+            packed = _pack_logprobs(raw_logprobs, token_ids, params)
+        return SamplerOutput(token_ids=token_ids, packed_logprobs=packed, num_logprobs=[p.logprobs for p in params])
 
     # ----- logits processors (3-6) -------------------------------------------------------------------
 
@@ -311,10 +321,8 @@ def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) 
     return counts[:, :vocab]
 
 
-def _gather_logprobs(
-    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
-) -> list[TokenLogprob | None]:
-    """Chosen-token logprob and top-k alternatives, moved to the host in one copy."""
+def _pack_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Chosen-token logprob and top-k alternatives as one [B, 2 + 2k] tensor, to move in one copy."""
     max_k = max(p.logprobs or 0 for p in params if p.logprobs is not None)
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))
     parts = [token_ids.unsqueeze(1).double(), chosen.double()]
@@ -322,14 +330,17 @@ def _gather_logprobs(
         top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)
         # Token ids are exact in float64 (< 2**53), so everything can travel as one tensor.
         parts += [top_ids.double(), top_values.double()]
-    host = torch.cat(parts, dim=1).tolist()
+    return torch.cat(parts, dim=1)
 
+
+def unpack_logprobs(packed_rows: list[list[float]], num_logprobs: list[int | None]) -> list[TokenLogprob | None]:
+    """The host copy of `_pack_logprobs`' tensor as one TokenLogprob per row that asked for them."""
+    max_k = (len(packed_rows[0]) - 2) // 2 if packed_rows else 0
     result: list[TokenLogprob | None] = []
-    for p, values in zip(params, host, strict=True):
-        if p.logprobs is None:
+    for k, values in zip(num_logprobs, packed_rows, strict=True):
+        if k is None:
             result.append(None)
             continue
-        k = p.logprobs
         alternatives = [(int(values[2 + j]), values[2 + max_k + j]) for j in range(k)]
         result.append(TokenLogprob(token_id=int(values[0]), logprob=values[1], top_logprobs=alternatives))
     return result

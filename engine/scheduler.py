@@ -5,6 +5,10 @@ still being computed), then fills what is left of the token budget with prompt c
 requests, first come first served. When the pool runs out of blocks, the most recently admitted
 running request is preempted: its blocks are freed, it goes back to the head of the queue, and it
 is recomputed later from its prompt and the tokens it had already generated.
+
+Scheduled tokens count as computed at once: the device runs steps in order, so any later step
+reads their K/V after it is written. That lets the engine schedule step N+1 while step N still
+runs, with N's sampled tokens in flight (`Request.num_inflight_tokens`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from engine.request import Request, RequestStatus
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # each request's first position in this step
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -58,7 +63,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_scheduled_target - request.num_computed_tokens, budget)
+            if num_new == 0 or _last_token_in_flight(request):
+                index += 1  # nothing to compute until its in-flight token arrives (and maybe ends it)
+                continue
             while not self.kv_cache.allocate(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -66,14 +74,15 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                batch.requests.append(request)
-                batch.num_new_tokens.append(num_new)
+                self._add_to_batch(batch, request, num_new)
                 budget -= num_new
                 index += 1
 
         # After a preemption the pool is tight: admitting new work would only thrash.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_any:
             request = self.waiting[0]
+            # A preempted request waits for its in-flight token; admissions stop after a preemption.
+            assert request.num_inflight_tokens == 0, request.request_id
             cached_blocks = self.kv_cache.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
             num_cached = len(cached_blocks) * self.kv_cache.block_size
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
@@ -86,16 +95,16 @@ class Scheduler:
             self.prefix_cache_hit_tokens += num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.requests.append(request)
-            batch.num_new_tokens.append(num_new)
+            self._add_to_batch(batch, request, num_new)
             budget -= num_new
         return batch
 
-    def mark_computed(self, batch: ScheduledBatch) -> None:
-        """After the forward pass: the scheduled tokens now have K/V in the cache."""
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += num_new
-            self.kv_cache.cache_computed_blocks(request)
+    @staticmethod
+    def _add_to_batch(batch: ScheduledBatch, request: Request, num_new: int) -> None:
+        batch.requests.append(request)
+        batch.num_new_tokens.append(num_new)
+        batch.starts.append(request.num_computed_tokens)
+        request.num_computed_tokens += num_new
 
     def finish(self, request: Request) -> None:
         """Remove a request that ended (or was aborted), wherever it is, and free its blocks."""
@@ -106,6 +115,12 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         self.kv_cache.free(request)
 
+    def cache_computed_blocks(self, requests: list[Request]) -> None:
+        """Offer the requests' newly completed blocks to the prefix cache. Called once a step is
+        queued on the device, so only later steps (which run after it) can hit them."""
+        for request in requests:
+            self.kv_cache.cache_computed_blocks(request)
+
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
@@ -113,3 +128,11 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.add(request, front=True)
+
+
+def _last_token_in_flight(request: Request) -> bool:
+    """The token being sampled is the request's last (max_tokens): computing it would be wasted."""
+    max_tokens = request.params.max_tokens
+    if request.num_inflight_tokens == 0 or max_tokens is None:
+        return False
+    return len(request.output_token_ids) + request.num_inflight_tokens >= max_tokens

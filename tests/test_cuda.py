@@ -125,7 +125,8 @@ def float32_expected(arch_case):
 @pytest.mark.parametrize(
     "overrides",
     [
-        pytest.param({}, id="one-batch"),
+        pytest.param({}, id="one-batch"),  # async scheduling, the CUDA default
+        pytest.param({"async_scheduling": False}, id="one-batch-sync"),
         # 12 blocks of 16 tokens hold the longest request (146 tokens) but nowhere near all ten, and
         # a 32-token budget splits the long prompts: preemption and chunked prefill on the GPU too.
         pytest.param(
@@ -213,28 +214,32 @@ def test_every_block_is_free_after_requests_finish_or_abort(model_dir_factory):
     assert _all_blocks_free(llm)
 
 
-def test_a_decode_step_syncs_with_the_host_only_to_read_its_tokens(model_dir_factory):
-    """Graph replay and sampling queue work without waiting for the GPU (issue 4): the one sync of a
-    step is reading the sampled tokens back."""
+def test_launching_a_decode_step_never_waits_for_the_gpu(model_dir_factory):
+    """Step preparation, the in-flight token gather, graph replay, sampling and the copy of the tokens
+    to the host all queue work without waiting for the GPU (issue 4): the host waits only when it
+    reads a step's tokens, and with async scheduling that is after the next step is queued."""
     from engine import SamplingParams
+    from engine.sampler import SamplingRow
 
     llm = _engine(model_dir_factory("qwen3"), "bfloat16")
     engine = llm.engine
-    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.1, max_tokens=8, seed=3)
+    assert engine.async_scheduling
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=8, seed=3, logprobs=2)
     for i in range(4):
         engine.add_request(f"sync-{i}", [11 + i] * (5 + i), params)
-    engine.step()  # the prefill
+    engine.step()  # launches the prefill
+    engine.step()  # launches the first decode, reads the prefill's tokens
     runner = engine.runner
     batch = engine.scheduler.schedule()
-    inputs = runner.prepare(batch)
-    assert inputs.is_decode_only and runner.graph_runner.can_run(len(batch))
-    rows = [runner.sampler_row(r) for r in inputs.sampled_requests]
+    assert all(r.num_inflight_tokens == 1 for r in batch.requests)  # input ids come from the device
+    penalized = SamplingParams(temperature=1.0, repetition_penalty=1.2, presence_penalty=0.5, logprobs=3)
+    penalty_rows = [SamplingRow(penalized, [5, 6, 7], [8, 9]) for _ in range(4)]
+    logits = torch.randn(4, engine.vocab_size, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with torch.inference_mode():
-            logits = runner.graph_runner.run(inputs)
-            sampled = runner.sampler(logits, rows).token_ids
+        launched = runner.launch(batch)
+        runner.sampler(logits, penalty_rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert sampled.shape == (4,)
+    assert len(launched.result().token_ids) == 4

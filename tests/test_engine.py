@@ -15,9 +15,18 @@ def model_dir(model_dir_factory):
     return model_dir_factory("qwen3")
 
 
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return LLM(model=str(model_dir), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(model_dir, request):
+    """The same rules must hold whether a step's tokens are read before the next step is scheduled
+    or one step later (async scheduling, the default on CUDA)."""
+    return LLM(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        max_model_len=256,
+        num_kv_blocks=64,
+        async_scheduling=request.param,
+    )
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ from engine import LLM, SamplingParams
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 MAX_TOKENS = 12
+# Sync reads each step's tokens before scheduling the next; async (the CUDA default) reads them one
+# step later, feeding decode input ids from the device. Both must give the oracle's tokens.
+ASYNC_MODES = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 
 
 def _random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -51,7 +54,7 @@ def _spy_batches(llm: LLM) -> list[tuple[list[int], list[int]]]:
 
     def spying_schedule():
         batch = schedule()
-        record.append(([r.num_computed_tokens for r in batch.requests], list(batch.num_new_tokens)))
+        record.append((list(batch.starts), list(batch.num_new_tokens)))
         return batch
 
     scheduler.schedule = spying_schedule
@@ -71,9 +74,10 @@ def _llm(model_dir, **overrides) -> LLM:
     return LLM(model=str(model_dir), device="cpu", dtype="float32", **overrides)
 
 
-def test_mixed_batch_matches_generate(arch_case):
+@ASYNC_MODES
+def test_mixed_batch_matches_generate(arch_case, async_scheduling):
     model_dir, prompts, expected = arch_case
-    llm = _llm(model_dir)
+    llm = _llm(model_dir, async_scheduling=async_scheduling)
     batches = _spy_batches(llm)
     assert _engine_tokens(llm, prompts, MAX_TOKENS) == expected
     # All prompts really shared forward passes: the first step carried every prompt.
@@ -81,18 +85,22 @@ def test_mixed_batch_matches_generate(arch_case):
     assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
 
 
-def test_preemption_keeps_outputs_exact(arch_case):
+@ASYNC_MODES
+def test_preemption_keeps_outputs_exact(arch_case, async_scheduling):
     model_dir, prompts, expected = arch_case
     # 8 blocks of 16 tokens cannot hold all 9 sequences at once: the newest must be preempted.
-    llm = _llm(model_dir, num_kv_blocks=8, block_size=16, enable_prefix_caching=False)
+    llm = _llm(
+        model_dir, num_kv_blocks=8, block_size=16, enable_prefix_caching=False, async_scheduling=async_scheduling
+    )
     assert _engine_tokens(llm, prompts, MAX_TOKENS) == expected
     assert llm.stats()["num_preemptions"] > 0
     assert llm.stats()["kv_blocks_free"] == 8
 
 
-def test_chunked_prefill_keeps_outputs_exact(arch_case):
+@ASYNC_MODES
+def test_chunked_prefill_keeps_outputs_exact(arch_case, async_scheduling):
     model_dir, prompts, expected = arch_case
-    llm = _llm(model_dir, max_num_batched_tokens=16)
+    llm = _llm(model_dir, max_num_batched_tokens=16, async_scheduling=async_scheduling)
     batches = _spy_batches(llm)
     assert _engine_tokens(llm, prompts, MAX_TOKENS) == expected
     # Some prompt was computed in several chunks: a step resumed it from a nonzero offset
@@ -103,14 +111,15 @@ def test_chunked_prefill_keeps_outputs_exact(arch_case):
     assert any(1 in sizes and any(n > 1 for n in sizes) for _, sizes in batches)
 
 
-def test_prefix_cache_hits_keep_outputs_exact(model_dir_factory):
+@ASYNC_MODES
+def test_prefix_cache_hits_keep_outputs_exact(model_dir_factory, async_scheduling):
     model_dir = model_dir_factory("qwen3")
     vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
     shared = _random_prompts(vocab, [48], seed=7)[0]
     suffixes = _random_prompts(vocab, [5, 11, 1, 20], seed=8)
     prompts = [shared + s for s in suffixes]
     expected = _oracle(model_dir, prompts, MAX_TOKENS)
-    llm = _llm(model_dir, block_size=16)
+    llm = _llm(model_dir, block_size=16, async_scheduling=async_scheduling)
     first = _engine_tokens(llm, prompts[:1], MAX_TOKENS)
     assert llm.stats()["prefix_cache_hit_tokens"] == 0
     rest = _engine_tokens(llm, prompts[1:], MAX_TOKENS)
