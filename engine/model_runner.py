@@ -90,6 +90,10 @@ class ModelRunner:
             text_config.hidden_size // text_config.num_attention_heads
         )
         self.backend = _pick_backend(config.attention_backend, self.device)
+        if self.backend == "triton":
+            from engine.kernels.install import install_fused_kernels
+
+            install_fused_kernels(self.model)
         self.base_model = self.model.base_model
         self.lm_head = self.model.get_output_embeddings()
         vocab_size = text_config.vocab_size

@@ -54,6 +54,11 @@ def forward_context(context: ForwardContext) -> Iterator[None]:
         _current = previous
 
 
+def current_forward_context() -> ForwardContext | None:
+    """The context of the engine forward in progress, or None outside one."""
+    return _current
+
+
 def get_forward_context() -> ForwardContext:
     if _current is None:
         raise RuntimeError("paged attention called outside of the model runner's forward context")

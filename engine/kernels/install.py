@@ -1,0 +1,166 @@
+"""Puts the fused kernels inside a transformers model, for forwards run with the Triton backend.
+
+- Llama-family RMSNorm modules get an instance `forward` that calls `rms_norm`.
+- The modeling module's `apply_rotary_pos_emb` (looked up at call time by its attention classes)
+  is wrapped so that it calls `apply_rotary`.
+
+Both fall through to transformers' own code outside an engine forward with the Triton backend, so
+the same model object still runs as plain transformers (the benchmarks' baselines use it). Each
+replacement is checked against the code it replaces on random inputs first, on the model's device
+and dtype; a module whose behaviour differs (another norm formula, partial rotary) keeps its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+
+import torch
+
+from engine.attention.metadata import current_forward_context
+from engine.kernels.rms_norm import rms_norm
+from engine.kernels.rotary import apply_rotary
+
+logger = logging.getLogger(__name__)
+
+
+def _fused_here() -> bool:
+    context = current_forward_context()
+    return context is not None and context.backend == "triton"
+
+
+def install_fused_kernels(model: torch.nn.Module) -> list[str]:
+    """Installs what checks out; returns a line per kind of replacement, for the log."""
+    installed = []
+    norms = _install_rms_norms(model)
+    if norms:
+        installed.append(f"RMSNorm ({norms})")
+    installed += [f"rotary ({name})" for name in _install_rotary(model)]
+    logger.info("Fused kernels: %s", ", ".join(installed) or "none")
+    return installed
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------
+
+
+def _fused_rms_norm_forward(module: torch.nn.Module, original: Callable, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not _fused_here():
+        return original(hidden_states)
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _looks_like_rms_norm(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, torch.nn.Parameter)
+        and weight.dim() == 1
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and "forward" not in module.__dict__
+    )
+
+
+def _install_rms_norms(model: torch.nn.Module) -> str:
+    verified: dict[type, bool] = {}
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if not _looks_like_rms_norm(module):
+            continue
+        kind = type(module)
+        if kind not in verified:
+            verified[kind] = _rms_norm_matches(module)
+        if verified[kind]:
+            module.forward = functools.partial(_fused_rms_norm_forward, module, module.forward)
+            counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
+    return ", ".join(f"{name} x{count}" for name, count in counts.items())
+
+
+def _rms_norm_matches(module: torch.nn.Module) -> bool:
+    weight = module.weight
+    x = 4 * torch.randn(3, 5, weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        expected = module(x)
+        try:
+            got = rms_norm(x, weight, module.variance_epsilon)
+        except Exception:  # noqa: BLE001 - a kernel that cannot run here must not stop the engine
+            logger.warning(
+                "Fused RMSNorm failed on %s; keeping transformers' own", type(module).__name__, exc_info=True
+            )
+            return False
+    return _close(got, expected, type(module).__name__)
+
+
+# ---- rotary embedding ------------------------------------------------------------------------
+
+
+def _install_rotary(model: torch.nn.Module) -> list[str]:
+    """Wraps apply_rotary_pos_emb in the modeling modules of the model's attention classes."""
+    names = []
+    config = model.config.get_text_config()
+    for module in model.modules():
+        if not hasattr(module, "layer_idx") or not hasattr(module, "q_proj"):
+            continue
+        modeling = sys.modules[type(module).__module__]
+        name = modeling.__name__.rsplit(".", 1)[-1]
+        original = getattr(modeling, "apply_rotary_pos_emb", None)
+        if original is None or name in names:
+            continue
+        if getattr(original, "sluice_original", None) is not None:  # by an earlier engine in this process
+            names.append(name)
+            continue
+        head_dim = getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if not _rotary_matches(original, head_dim, module.q_proj.weight):
+            continue
+        modeling.apply_rotary_pos_emb = _guarded_rotary(original)
+        names.append(name)
+    return names
+
+
+def _guarded_rotary(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs or not _fused_here():  # unsqueeze_dim other than the default: not ours
+            return original(q, k, cos, sin, *args, **kwargs)
+        return apply_rotary(q, k, cos, sin)
+
+    apply_rotary_pos_emb.sluice_original = original
+    return apply_rotary_pos_emb
+
+
+def _rotary_matches(original: Callable, head_dim: int, like: torch.Tensor) -> bool:
+    make = functools.partial(torch.randn, device=like.device, dtype=like.dtype)
+    q, k = make(1, 4, 3, head_dim), make(1, 2, 3, head_dim)
+    cos, sin = make(1, 3, head_dim), make(1, 3, head_dim)
+    with torch.no_grad():
+        try:
+            expected = original(q, k, cos, sin)
+            got = apply_rotary(q, k, cos, sin)
+        except Exception:  # noqa: BLE001 - another signature, or a kernel that cannot run here
+            logger.warning("Fused rotary embedding not used", exc_info=True)
+            return False
+    return _close(got[0], expected[0], "rotary") and _close(got[1], expected[1], "rotary")
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> bool:
+    """Equal up to a unit or two in the last place of the dtype (reduction order, FMA, and Triton's
+    CPU interpreter, which truncates when it rounds to bfloat16)."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        logger.warning(
+            "Fused %s gives %s %s, transformers %s %s",
+            what,
+            got.dtype,
+            tuple(got.shape),
+            expected.dtype,
+            tuple(expected.shape),
+        )
+        return False
+    tolerance = 2 * torch.finfo(expected.dtype).eps
+    # The absolute part scales with the values: a rounding step in a term that later cancels
+    # (rotary's sum of products) is an ulp of the term, not of the result.
+    scale = expected.float().abs().max().item()
+    ok = torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance * max(scale, 1.0))
+    if not ok:
+        logger.warning("Fused %s differs from transformers' own; keeping theirs", what)
+    return ok
