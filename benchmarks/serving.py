@@ -3,6 +3,10 @@
     sluice serve --model Qwen/Qwen3-0.6B &
     python -m benchmarks.serving --num-prompts 200 --concurrency 32 --input-len 256 --output-len 128
 
+or, starting (and afterwards stopping) the server itself with the given `sluice serve` flags:
+
+    python -m benchmarks.serving --launch "--config configs/h100-qwen3-0.6b.yaml" --concurrency 64
+
 Each request streams from /v1/completions (token-id prompts, the default) or /v1/chat/completions
 (random text prompts) with `ignore_eos`, so every request generates exactly --output-len tokens.
 Reports request throughput, output tokens/s, and TTFT, TPOT and ITL (mean, p50, p99):
@@ -15,13 +19,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import random
+import shlex
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,7 +256,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--launch",
+        default=None,
+        metavar="SERVE_FLAGS",
+        help="first start `python -m api serve SERVE_FLAGS` on a free loopback port (ignores --base-url), "
+        "measure it, then stop it",
+    )
+    parser.add_argument("--launch-timeout", type=float, default=600.0, help="seconds to wait for /health")
     return parser
+
+
+@contextlib.contextmanager
+def launched_server(serve_flags: str, timeout: float) -> Iterator[str]:
+    """Runs the server in a child process until the block ends; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "api", "serve", *shlex.split(serve_flags), "--host", "127.0.0.1"]
+    process = subprocess.Popen([*command, "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.request_rate > 0:
         print("--request-rate must be > 0", file=sys.stderr)
         return 2
-    summary = asyncio.run(run_benchmark(args))
+    if args.launch is not None:
+        with launched_server(args.launch, args.launch_timeout) as url:
+            args.base_url = url
+            summary = asyncio.run(run_benchmark(args))
+    else:
+        summary = asyncio.run(run_benchmark(args))
     print(format_report(summary))
     if args.json:
         with open(args.json, "w") as f:

@@ -243,3 +243,34 @@ def test_launching_a_decode_step_never_waits_for_the_gpu(model_dir_factory):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(launched.result().token_ids) == 4
+
+
+def test_json_schema_outputs_on_the_gpu(model_dir_factory):
+    """The grammar bitmask applied on the device (xgrammar's kernel), with free requests in the same
+    batches; needs xgrammar (carried to the GPU machine as a wheel by benchmarks/fetch_gpu_wheels.sh)."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    from shared_specs import SCHEMAS
+
+    from engine import SamplingParams
+    from engine.structured_outputs import StructuredOutputsParams
+
+    llm = _engine(model_dir_factory("qwen3"), "bfloat16")
+    schema = SCHEMAS["nested"]
+    constrained = [
+        SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=120, structured_outputs=StructuredOutputsParams(json=schema)
+        )
+        for seed in range(4)
+    ]
+    free = SamplingParams(temperature=1.0, seed=9, max_tokens=30, ignore_eos=True)
+    outputs = llm.generate(["Give me JSON", "{", "x", "1 2", "free"], [*constrained, free])
+    for output in outputs[:4]:
+        completion = output.outputs[0]
+        assert completion.finish_reason == "stop", completion.text
+        value = json.loads(completion.text)
+        assert set(value) <= {"user", "active"} and set(value["user"]) == {"name", "age"}
+        assert 1 <= len(value["user"]["name"]) <= 8 and 0 <= value["user"]["age"] <= 120
+    assert len(outputs[4].outputs[0].token_ids) == 30
+    assert _all_blocks_free(llm)

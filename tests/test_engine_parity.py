@@ -71,7 +71,7 @@ def arch_case(request, model_dir_factory):
 
 
 def _llm(model_dir, **overrides) -> LLM:
-    return LLM(model=str(model_dir), device="cpu", dtype="float32", **overrides)
+    return LLM(model=str(model_dir), **{"device": "cpu", "dtype": "float32", **overrides})
 
 
 @ASYNC_MODES
@@ -137,5 +137,6 @@ def test_triton_backend_matches_generate(model_dir_factory):
     vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
     prompts = _random_prompts(vocab, [5, 21, 2], seed=3)
     expected = _oracle(model_dir, prompts, 4)
-    llm = _llm(model_dir, attention_backend="triton", max_num_batched_tokens=16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels need CUDA tensors there
+    llm = _llm(model_dir, attention_backend="triton", max_num_batched_tokens=16, device=device)
     assert _engine_tokens(llm, prompts, 4) == expected
