@@ -224,7 +224,7 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         launched = self.runner.launch(batch)
-        self.scheduler.cache_computed_blocks(batch.requests)
+        self.scheduler.cache_computed_blocks(batch)
         for sequence in launched.sampled_requests:
             sequence.num_inflight_tokens += 1
         return launched
@@ -236,6 +236,7 @@ class LLMEngine:
     def _collect(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and hand them to their sequences."""
         result = launched.result()
+        block_size = self.kv_cache.block_size
         touched: dict[str, UserRequest] = {}
         logprobs = result.logprobs or [None] * len(result.token_ids)
         for sequence, token_id, token_logprob in zip(result.sampled_requests, result.token_ids, logprobs):
@@ -243,7 +244,8 @@ class LLMEngine:
             if sequence.is_finished:  # stopped or aborted while this step ran: the token is surplus
                 continue
             self._append_token(sequence, token_id, token_logprob)
-            self.kv_cache.cache_computed_blocks(sequence)  # a block the token completes
+            if sequence.num_tokens % block_size == 0:  # the token completes a block (already computed?)
+                self.kv_cache.cache_computed_blocks(sequence)
             self.generation_tokens_total += 1
             user_request = self.requests[sequence.user_request_id]
             touched[user_request.request_id] = user_request

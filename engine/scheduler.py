@@ -115,11 +115,15 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         self.kv_cache.free(request)
 
-    def cache_computed_blocks(self, requests: list[Request]) -> None:
-        """Offer the requests' newly completed blocks to the prefix cache. Called once a step is
-        queued on the device, so only later steps (which run after it) can hit them."""
-        for request in requests:
-            self.kv_cache.cache_computed_blocks(request)
+    def cache_computed_blocks(self, batch: ScheduledBatch) -> None:
+        """Offer the blocks this step completes to the prefix cache. Called once the step is queued
+        on the device, so only later steps (which run after it) can hit them."""
+        if not self.kv_cache.enable_prefix_caching:
+            return
+        block_size = self.kv_cache.block_size
+        for request, start, num_new in zip(batch.requests, batch.starts, batch.num_new_tokens):
+            if (start + num_new) // block_size != start // block_size:  # most decodes cross no boundary
+                self.kv_cache.cache_computed_blocks(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

@@ -168,3 +168,21 @@ def test_streams_over_the_api_match_sync_output(serve_tiny_model):
             assert sum(1 for d in deltas if d) > 1  # tokens came as they were made, not at the end
             texts.append("".join(deltas))
     assert texts[0] == texts[1] and texts[0]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_blocks_filled_by_generated_tokens_are_cached(model_dir, async_scheduling):
+    """A block is offered to the prefix cache once its tokens are both computed and known on the
+    host; with async scheduling the second can come a step after the first."""
+    llm = _llm(model_dir, async_scheduling, block_size=16)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompt = [11 + i for i in range(10)]
+    (first,) = llm.generate([prompt], greedy)
+    # 10 prompt + 30 generated tokens: blocks 0 and 1 are full and computed (the last token never is).
+    follow_up = prompt + first.outputs[0].token_ids[:26]
+    (second,) = llm.generate([follow_up], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert llm.stats()["prefix_cache_hit_tokens"] == 32
+    (fresh,) = _llm(model_dir, async_scheduling, enable_prefix_caching=False).generate(
+        [follow_up], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    )
+    assert second.outputs[0].token_ids == fresh.outputs[0].token_ids
