@@ -144,7 +144,7 @@ class KVCacheManager:
     def cache_computed_blocks(self, request: Request) -> None:
         """Record every full block whose tokens are computed (or queued) and known to the host, so
         later prompts can reuse it. A token still in flight is not known: its block waits."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not request.block_ids:  # nothing held (finished, preempted)
             return
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         start = len(request.block_hashes)

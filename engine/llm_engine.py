@@ -244,7 +244,8 @@ class LLMEngine:
             if sequence.is_finished:  # stopped or aborted while this step ran: the token is surplus
                 continue
             self._append_token(sequence, token_id, token_logprob)
-            if sequence.num_tokens % block_size == 0:  # the token completes a block (already computed?)
+            # A token that completes a block whose K/V a launched step already computes (async).
+            if sequence.num_tokens % block_size == 0 and not sequence.is_finished:
                 self.kv_cache.cache_computed_blocks(sequence)
             self.generation_tokens_total += 1
             user_request = self.requests[sequence.user_request_id]

@@ -122,7 +122,9 @@ class Scheduler:
             return
         block_size = self.kv_cache.block_size
         for request, start, num_new in zip(batch.requests, batch.starts, batch.num_new_tokens):
-            if (start + num_new) // block_size != start // block_size:  # most decodes cross no boundary
+            # Inlined early exit (most decodes complete no block): full computed blocks not yet
+            # recorded, counting blocks that came from the prefix cache at admission.
+            if (start + num_new) // block_size > len(request.block_hashes):
                 self.kv_cache.cache_computed_blocks(request)
 
     def _preempt(self, request: Request) -> None:

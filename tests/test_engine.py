@@ -230,3 +230,15 @@ def test_a_budget_smaller_than_the_batch_still_advances_every_request(model_dir)
     outs = llm.generate([[i + 10] * 3 for i in range(10)], SamplingParams(max_tokens=8, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outs] == [8] * 10
     assert max(skipped) == 0
+
+
+def test_a_prefix_hit_then_an_end_on_a_block_boundary_frees_everything(llm):
+    # 40-token prompt: its 2 full blocks come from the cache the second time; 8 more tokens end the
+    # output exactly on a block boundary, after the sequence's blocks are freed.
+    prompt = [300 + i for i in range(40)]
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
+    hits_before = llm.stats()["prefix_cache_hit_tokens"]
+    (out,) = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 8
+    assert llm.stats()["prefix_cache_hit_tokens"] - hits_before == 32
+    assert _all_blocks_free(llm)
