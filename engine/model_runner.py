@@ -99,7 +99,7 @@ class ModelRunner:
         vocab_size = text_config.vocab_size
         if loaded.tokenizer is not None:
             vocab_size = min(vocab_size, len(loaded.tokenizer))
-        self.sampler = Sampler(vocab_size)
+        self.sampler = Sampler(vocab_size, fused=self.backend == "triton")
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner = None
@@ -316,7 +316,12 @@ class ModelRunner:
     @staticmethod
     def sampler_row(request: Request) -> SamplingRow:
         return SamplingRow(
-            request.params, request.prompt_token_ids, request.output_token_ids, request.generator, request.grammar
+            request.params,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            request.generator,
+            request.grammar,
+            position=len(request.output_token_ids) + request.num_inflight_tokens,
         )
 
     @torch.inference_mode()

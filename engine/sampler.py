@@ -12,6 +12,11 @@ Order of operations, per row (each stage is skipped when no row in the batch use
   -> top_p -> exponential race.
 Each filter acts on the distribution the previous filters left (renormalized), as transformers'
 warpers and vLLM do.
+
+With the Triton backend (fused=True), greedy rows and rows without filters skip the last stages:
+one kernel samples them by Gumbel-max (the same distribution as the exponential race), with
+Philox noise seeded per row. A seed therefore reproduces the same text on the same backend; the
+torch and Triton backends draw different (equally distributed) noise for the same seed.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class SamplingRow:
     generator: torch.Generator | None = None
     # The sequence's grammar matcher when its output is constrained (params.structured_outputs).
     grammar: SequenceGrammar | None = None
+    # Which output token of the sequence this row samples (0 for the first); None: the count of
+    # output_token_ids. Seeds the fused sampler's noise, so a seed gives the same text anywhere.
+    position: int | None = None
 
 
 @dataclass
@@ -69,22 +77,31 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int) -> None:
+    """fused=True (the Triton backend) selects the tokens of greedy rows and of rows without top-k,
+    top-p or min-p filters with one Triton kernel (engine/kernels/sampling.py), reading the logits
+    once; without processors or logprobs in the batch it reads them in the model's dtype, with no
+    float32 copy. Filtered rows take the torch path."""
+
+    def __init__(self, vocab_size: int, fused: bool = False) -> None:
         assert vocab_size > 0
         self.vocab_size = vocab_size
+        self.fused = fused
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         assert logits.shape[1] >= self.vocab_size, (logits.shape[1], self.vocab_size)
         device = logits.device
         num_rows, vocab = logits.shape[0], self.vocab_size
+        params = [row.params for row in rows]
+        num_logprobs = [p.logprobs for p in params]
+        if self.fused and not any(k is not None for k in num_logprobs) and not _uses_processors(rows):
+            return SamplerOutput(self._select_fused(logits, rows), None, num_logprobs)
         # Padded embedding columns can never be sampled: dropping them is the same as masking them
         # to -inf, and keeps every later tensor (and each seeded row's noise draw) vocab_size wide.
         # A fresh fp32 copy, because the stages below work in place and must not touch the caller's logits.
         processed = torch.empty((num_rows, vocab), dtype=torch.float32, device=device)
         processed.copy_(logits[:, :vocab])
 
-        params = [row.params for row in rows]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(processed, dim=-1)
@@ -97,7 +114,9 @@ class Sampler:
         self._apply_grammars(processed, rows)
 
         greedy = [p.greedy for p in params]
-        if all(greedy):
+        if self.fused:
+            token_ids = self._select_fused(processed, rows)
+        elif all(greedy):
             token_ids = processed.argmax(dim=-1)
         else:
             token_ids = self._sample_random(processed, rows, greedy)
@@ -105,7 +124,35 @@ class Sampler:
         packed = None
         if raw_logprobs is not None:
             packed = _pack_logprobs(raw_logprobs, token_ids, params)
-        return SamplerOutput(token_ids=token_ids, packed_logprobs=packed, num_logprobs=[p.logprobs for p in params])
+        return SamplerOutput(token_ids=token_ids, packed_logprobs=packed, num_logprobs=num_logprobs)
+
+    def _select_fused(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The Triton kernel for every row, then the torch path over the rows that need filters."""
+        from engine.kernels.sampling import gumbel_argmax
+
+        device = logits.device
+        params = [row.params for row in rows]
+        # Fresh seeds from torch's global generator (so torch.manual_seed governs them), replaced by
+        # a function of (seed, position) in seeded rows.
+        seeds = torch.randint(0, 1 << 62, (len(rows),), dtype=torch.int64).tolist()
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                position = len(row.output_token_ids) if row.position is None else row.position
+                seeds[i] = _row_seed(row.generator.initial_seed(), position)
+        temperatures = [0.0 if p.greedy else p.temperature for p in params]
+        token_ids = gumbel_argmax(
+            logits,
+            _to_device(temperatures, torch.float32, device),
+            _to_device(seeds, torch.int64, device),
+            self.vocab_size,
+        )
+        filtered = [i for i, p in enumerate(params) if _needs_filters(p)]
+        if filtered:
+            index = _to_device(filtered, torch.int64, device)
+            subset = logits.index_select(0, index)[:, : self.vocab_size].float()
+            sampled = self._sample_random(subset, [rows[i] for i in filtered], [False] * len(filtered))
+            token_ids.index_copy_(0, index, sampled)
+        return token_ids
 
     # ----- logits processors (3-6) -------------------------------------------------------------------
 
@@ -284,6 +331,29 @@ class Sampler:
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
+
+
+def _uses_processors(rows: list[SamplingRow]) -> bool:
+    """Whether any row's logits change before selection (bias, min_tokens, penalties, a grammar)."""
+    for row in rows:
+        p = row.params
+        if row.grammar is not None or p.logit_bias or p.repetition_penalty != 1.0:
+            return True
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            return True
+        if len(row.output_token_ids) < p.min_tokens:
+            return True
+    return False
+
+
+def _needs_filters(params: SamplingParams) -> bool:
+    return not params.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+
+
+def _row_seed(seed: int, position: int) -> int:
+    """A 62-bit Philox seed for one token of a seeded sequence: a fixed mix of the two (LCG-style
+    multipliers), the same in every process and whatever else is in the batch."""
+    return (seed * 6364136223846793005 + (position + 1) * 1442695040888963407) % (1 << 62)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
