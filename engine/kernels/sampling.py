@@ -48,9 +48,9 @@ def _gumbel_argmax_kernel(
         block_best = tl.max(score, axis=0)
         # The first index of the block's best: ties resolve to the lowest id, as torch.argmax does.
         block_index = tl.min(tl.where(score == block_best, cols, vocab_size), axis=0)
-        if block_best > best_value:  # strictly: an earlier block keeps a tie
-            best_value = block_best
-            best_index = block_index
+        # Strictly greater: an earlier block keeps a tie.
+        best_index = tl.where(block_best > best_value, block_index, best_index)
+        best_value = tl.maximum(best_value, block_best)
     tl.store(out_ptr + row, best_index.to(tl.int64))
 
 
