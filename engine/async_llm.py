@@ -17,8 +17,8 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.outputs import RequestOutput, merge_delta_outputs
+from engine.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,22 @@ class AsyncLLM:
         self._streams[request_id] = queue
         self._submit("add", user_request)
         finished = False
+        held: Any = None  # an item taken from the queue while coalescing, not yet handled
         try:
             while not finished:
-                output = await queue.get()
+                output, held = (held, None) if held is not None else (await queue.get(), None)
                 if isinstance(output, ValueError):
                     raise output
                 if isinstance(output, BaseException):
                     raise EngineDeadError("the engine loop failed") from output
+                # A consumer that fell behind (a slow client, a busy event loop) gets everything that
+                # piled up as one output: one SSE event instead of one per step.
+                while not output.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    if not isinstance(later, RequestOutput):
+                        held = later
+                        break
+                    output = merge_delta_outputs(output, later) if params.output_kind == OutputKind.DELTA else later
                 finished = output.finished
                 yield output
         finally:

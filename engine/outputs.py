@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -42,3 +43,24 @@ class RequestOutput:
     num_generated_tokens: int = 0
     # Seconds from arrival to first scheduling; None until the request has been scheduled.
     queue_time: float | None = None
+
+
+def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive DELTA outputs of one request as one: each sample's new text, tokens and
+    logprobs concatenated, its state (finish, cumulative logprob) and the request's from the later."""
+    merged = {c.index: c for c in earlier.outputs}
+    for completion in later.outputs:
+        before = merged.get(completion.index)
+        if before is None:
+            merged[completion.index] = completion
+            continue
+        logprobs = None
+        if before.logprobs is not None or completion.logprobs is not None:
+            logprobs = (before.logprobs or []) + (completion.logprobs or [])
+        merged[completion.index] = dataclasses.replace(
+            completion,
+            text=before.text + completion.text,
+            token_ids=before.token_ids + completion.token_ids,
+            logprobs=logprobs,
+        )
+    return dataclasses.replace(later, outputs=[merged[index] for index in sorted(merged)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -51,6 +52,26 @@ async def test_stream_deltas_concatenate_to_the_offline_result(async_llm, model_
     for completion in expected.outputs:
         assert ids[completion.index] == completion.token_ids
         assert texts[completion.index] == completion.text
+    await _wait_idle(async_llm)
+
+
+async def test_a_consumer_that_falls_behind_gets_what_piled_up_in_one_output(async_llm, model_dir):
+    params = SamplingParams(temperature=1.0, seed=8, max_tokens=30, n=2, logprobs=2, output_kind=OutputKind.DELTA)
+    texts, ids, logprobs, outputs = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}, 0
+    async for out in async_llm.generate("Slow reader", params, "slow-1"):
+        outputs += 1
+        for completion in out.outputs:
+            texts[completion.index] += completion.text
+            ids[completion.index] += completion.token_ids
+            logprobs[completion.index] += [entry.token_id for entry in completion.logprobs]
+        await asyncio.sleep(0.3)  # several engine steps pass between reads
+    assert outputs < 30  # coalesced: fewer outputs than tokens
+    offline = LLM(model=str(model_dir), device="cpu", max_model_len=512, num_kv_blocks=128)
+    (expected,) = offline.generate("Slow reader", dataclasses.replace(params, output_kind=OutputKind.CUMULATIVE))
+    for completion in expected.outputs:
+        assert ids[completion.index] == completion.token_ids
+        assert texts[completion.index] == completion.text
+        assert logprobs[completion.index] == completion.token_ids  # one logprob entry per token, in order
     await _wait_idle(async_llm)
 
 
