@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402
 from transformers.models.qwen3 import modeling_qwen3  # noqa: E402
 
-from engine.kernels import install, rms_norm, rotary  # noqa: E402
+from engine.kernels import install, rms_norm, rotary, silu_mul  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -88,6 +88,22 @@ def test_rotary_matches_transformers(dtype, num_heads, num_kv_heads, head_dim):
             assert (got.float() - expected.float()).abs().max() <= ulps * 2**-7 * expected.float().abs().max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_the_gated_mlp(dtype):
+    torch.manual_seed(4)
+    config = modeling_llama.LlamaConfig(
+        hidden_size=48, num_attention_heads=4, intermediate_size=1300, hidden_act="silu"
+    )
+    mlp = modeling_llama.LlamaMLP(config).to(DEVICE, dtype)
+    x = torch.randn(2, 7, 48, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        expected = mlp.act_fn(gate) * up
+    got = silu_mul.silu_mul(gate, up)
+    # exp may differ in its last fp32 bit; in the interpreter, two truncations replace rounding.
+    _assert_within_ulps(got, expected, ulps=4)
+
+
 def _spy(monkeypatch, module, name: str) -> list[int]:
     calls = [0]
     original = getattr(module, name)
@@ -105,27 +121,29 @@ def test_the_engine_uses_them_and_plain_transformers_does_not(model_dir_factory,
 
     norm_calls = _spy(monkeypatch, install, "rms_norm")
     rotary_calls = _spy(monkeypatch, install, "apply_rotary")
+    mlp_calls = _spy(monkeypatch, install, "silu_mul")
     model_dir = model_dir_factory("qwen3")
     llm = LLM(model=str(model_dir), device=DEVICE, dtype="float32", attention_backend="triton", enforce_eager=True)
     model = llm.engine.runner.model
     config = model.config
     num_norms = 2 * config.num_hidden_layers + 1 + 2 * config.num_hidden_layers  # layers, final, q/k norms
-    assert sum("forward" in m.__dict__ for m in model.modules()) == num_norms
+    assert sum("forward" in m.__dict__ for m in model.modules()) == num_norms + config.num_hidden_layers  # + MLPs
     assert modeling_qwen3.apply_rotary_pos_emb.sluice_original is not None
 
-    norm_calls[0] = rotary_calls[0] = 0  # the install-time checks called them too
+    norm_calls[0] = rotary_calls[0] = mlp_calls[0] = 0  # the install-time checks called them too
     llm.generate([[11, 12, 13]], SamplingParams(temperature=0.0, max_tokens=3))
-    assert norm_calls[0] >= 3 * num_norms and rotary_calls[0] >= 3 * config.num_hidden_layers
+    assert norm_calls[0] >= 3 * num_norms
+    assert rotary_calls[0] >= 3 * config.num_hidden_layers and mlp_calls[0] >= 3 * config.num_hidden_layers
 
     # The same model object outside the engine is plain transformers: same logits as a fresh load.
-    norm_calls[0] = rotary_calls[0] = 0
+    norm_calls[0] = rotary_calls[0] = mlp_calls[0] = 0
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
     model.set_attn_implementation("sdpa")  # as the benchmarks' transformers baselines do
     fresh.set_attn_implementation("sdpa")
     ids = torch.tensor([[5, 6, 7, 8]], device=DEVICE)
     with torch.no_grad():
         ours, theirs = model(ids).logits, fresh(ids).logits
-    assert norm_calls[0] == rotary_calls[0] == 0
+    assert norm_calls[0] == rotary_calls[0] == mlp_calls[0] == 0
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 

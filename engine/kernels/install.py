@@ -1,6 +1,8 @@
 """Puts the fused kernels inside a transformers model, for forwards run with the Triton backend.
 
 - Llama-family RMSNorm modules get an instance `forward` that calls `rms_norm`.
+- Gated SiLU MLPs (gate_proj, up_proj, down_proj, act_fn = SiLU) get one that calls `silu_mul`
+  between the projections.
 - The modeling module's `apply_rotary_pos_emb` (looked up at call time by its attention classes)
   is wrapped so that it calls `apply_rotary`.
 
@@ -22,6 +24,7 @@ import torch
 from engine.attention.metadata import current_forward_context
 from engine.kernels.rms_norm import rms_norm
 from engine.kernels.rotary import apply_rotary
+from engine.kernels.silu_mul import silu_mul
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +37,10 @@ def _fused_here() -> bool:
 def install_fused_kernels(model: torch.nn.Module) -> list[str]:
     """Installs what checks out; returns a line per kind of replacement, for the log."""
     installed = []
-    norms = _install_rms_norms(model)
-    if norms:
-        installed.append(f"RMSNorm ({norms})")
+    for kind, install in (("RMSNorm", _install_rms_norms), ("SiLU MLP", _install_mlps)):
+        counts = install(model)
+        if counts:
+            installed.append(f"{kind} ({counts})")
     installed += [f"rotary ({name})" for name in _install_rotary(model)]
     logger.info("Fused kernels: %s", ", ".join(installed) or "none")
     return installed
@@ -58,23 +62,33 @@ def _looks_like_rms_norm(module: torch.nn.Module) -> bool:
         and isinstance(weight, torch.nn.Parameter)
         and weight.dim() == 1
         and isinstance(getattr(module, "variance_epsilon", None), float)
-        and "forward" not in module.__dict__
     )
 
 
-def _install_rms_norms(model: torch.nn.Module) -> str:
+def _install_forwards(
+    model: torch.nn.Module,
+    looks_right: Callable[[torch.nn.Module], bool],
+    matches: Callable[[torch.nn.Module], bool],
+    fused_forward: Callable,
+) -> str:
+    """Gives each module that looks right, of a class whose first instance matches its own forward,
+    an instance forward `fused_forward(module, original_forward, *args)`; returns counts per class."""
     verified: dict[type, bool] = {}
     counts: dict[str, int] = {}
     for module in model.modules():
-        if not _looks_like_rms_norm(module):
+        if "forward" in module.__dict__ or not looks_right(module):
             continue
         kind = type(module)
         if kind not in verified:
-            verified[kind] = _rms_norm_matches(module)
+            verified[kind] = matches(module)
         if verified[kind]:
-            module.forward = functools.partial(_fused_rms_norm_forward, module, module.forward)
+            module.forward = functools.partial(fused_forward, module, module.forward)
             counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
     return ", ".join(f"{name} x{count}" for name, count in counts.items())
+
+
+def _install_rms_norms(model: torch.nn.Module) -> str:
+    return _install_forwards(model, _looks_like_rms_norm, _rms_norm_matches, _fused_rms_norm_forward)
 
 
 def _rms_norm_matches(module: torch.nn.Module) -> bool:
@@ -90,6 +104,40 @@ def _rms_norm_matches(module: torch.nn.Module) -> bool:
             )
             return False
     return _close(got, expected, type(module).__name__)
+
+
+# ---- gated SiLU MLP ---------------------------------------------------------------------------
+
+
+def _fused_mlp_forward(module: torch.nn.Module, original: Callable, x: torch.Tensor) -> torch.Tensor:
+    if not _fused_here():
+        return original(x)
+    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+
+def _looks_like_silu_mlp(module: torch.nn.Module) -> bool:
+    projections = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    activation = type(getattr(module, "act_fn", None)).__name__
+    return all(isinstance(p, torch.nn.Linear) for p in projections) and activation in ("SiLU", "SiLUActivation")
+
+
+def _mlp_matches(module: torch.nn.Module) -> bool:
+    weight = module.gate_proj.weight
+    x = torch.randn(3, 5, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        expected = module(x)
+        try:
+            got = module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+        except Exception:  # noqa: BLE001 - a kernel that cannot run here must not stop the engine
+            logger.warning(
+                "Fused SiLU MLP failed on %s; keeping transformers' own", type(module).__name__, exc_info=True
+            )
+            return False
+    return _close(got, expected, type(module).__name__)
+
+
+def _install_mlps(model: torch.nn.Module) -> str:
+    return _install_forwards(model, _looks_like_silu_mlp, _mlp_matches, _fused_mlp_forward)
 
 
 # ---- rotary embedding ------------------------------------------------------------------------
