@@ -99,7 +99,7 @@ def test_silu_mul_matches_the_gated_mlp(dtype):
     with torch.no_grad():
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         expected = mlp.act_fn(gate) * up
-    got = silu_mul.silu_mul(gate, up)
+    got = silu_mul.silu_and_mul(torch.cat([gate, up], dim=-1))
     # exp may differ in its last fp32 bit; in the interpreter, two truncations replace rounding.
     _assert_within_ulps(got, expected, ulps=4)
 
@@ -121,7 +121,7 @@ def test_the_engine_uses_them_and_plain_transformers_does_not(model_dir_factory,
 
     norm_calls = _spy(monkeypatch, install, "rms_norm")
     rotary_calls = _spy(monkeypatch, install, "apply_rotary")
-    mlp_calls = _spy(monkeypatch, install, "silu_mul")
+    mlp_calls = _spy(monkeypatch, install, "silu_and_mul")
     model_dir = model_dir_factory("qwen3")
     llm = LLM(model=str(model_dir), device=DEVICE, dtype="float32", attention_backend="triton", enforce_eager=True)
     model = llm.engine.runner.model
@@ -129,6 +129,11 @@ def test_the_engine_uses_them_and_plain_transformers_does_not(model_dir_factory,
     num_norms = 2 * config.num_hidden_layers + 1 + 2 * config.num_hidden_layers  # layers, final, q/k norms
     assert sum("forward" in m.__dict__ for m in model.modules()) == num_norms + config.num_hidden_layers  # + MLPs
     assert modeling_qwen3.apply_rotary_pos_emb.sluice_original is not None
+    mlp = model.model.layers[0].mlp  # gate and up weights became views of one merged weight
+    storage = mlp.sluice_gate_up_weight.untyped_storage().data_ptr()
+    assert (
+        mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr() == storage
+    )
 
     norm_calls[0] = rotary_calls[0] = mlp_calls[0] = 0  # the install-time checks called them too
     llm.generate([[11, 12, 13]], SamplingParams(temperature=0.0, max_tokens=3))

@@ -1,8 +1,9 @@
 """Puts the fused kernels inside a transformers model, for forwards run with the Triton backend.
 
 - Llama-family RMSNorm modules get an instance `forward` that calls `rms_norm`.
-- Gated SiLU MLPs (gate_proj, up_proj, down_proj, act_fn = SiLU) get one that calls `silu_mul`
-  between the projections.
+- Gated SiLU MLPs (gate_proj, up_proj, down_proj without biases, act_fn = SiLU) get one that runs
+  gate and up as one matmul, over a merged weight that their own weights become views of (no
+  extra memory), then `silu_and_mul`.
 - The modeling module's `apply_rotary_pos_emb` (looked up at call time by its attention classes)
   is wrapped so that it calls `apply_rotary`.
 
@@ -24,7 +25,7 @@ import torch
 from engine.attention.metadata import current_forward_context
 from engine.kernels.rms_norm import rms_norm
 from engine.kernels.rotary import apply_rotary
-from engine.kernels.silu_mul import silu_mul
+from engine.kernels.silu_mul import silu_and_mul
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,11 @@ def _install_forwards(
     looks_right: Callable[[torch.nn.Module], bool],
     matches: Callable[[torch.nn.Module], bool],
     fused_forward: Callable,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
 ) -> str:
     """Gives each module that looks right, of a class whose first instance matches its own forward,
-    an instance forward `fused_forward(module, original_forward, *args)`; returns counts per class."""
+    an instance forward `fused_forward(module, original_forward, *args)` (after `prepare(module)`);
+    returns counts per class."""
     verified: dict[type, bool] = {}
     counts: dict[str, int] = {}
     for module in model.modules():
@@ -82,6 +85,8 @@ def _install_forwards(
         if kind not in verified:
             verified[kind] = matches(module)
         if verified[kind]:
+            if prepare is not None:
+                prepare(module)
             module.forward = functools.partial(fused_forward, module, module.forward)
             counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
     return ", ".join(f"{name} x{count}" for name, count in counts.items())
@@ -112,13 +117,27 @@ def _rms_norm_matches(module: torch.nn.Module) -> bool:
 def _fused_mlp_forward(module: torch.nn.Module, original: Callable, x: torch.Tensor) -> torch.Tensor:
     if not _fused_here():
         return original(x)
-    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+    return module.down_proj(silu_and_mul(torch.nn.functional.linear(x, module.sluice_gate_up_weight)))
 
 
 def _looks_like_silu_mlp(module: torch.nn.Module) -> bool:
-    projections = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     activation = type(getattr(module, "act_fn", None)).__name__
-    return all(isinstance(p, torch.nn.Linear) for p in projections) and activation in ("SiLU", "SiLUActivation")
+    return (
+        all(isinstance(p, torch.nn.Linear) and p.bias is None for p in projections)
+        and activation in ("SiLU", "SiLUActivation")
+        and projections[0].weight.shape == projections[1].weight.shape
+    )
+
+
+def _merge_gate_up(module: torch.nn.Module) -> None:
+    """One [2I, H] weight for both projections; gate_proj and up_proj keep working on views of it."""
+    gate, up = module.gate_proj.weight, module.up_proj.weight
+    merged = torch.cat([gate.detach(), up.detach()])
+    size = gate.shape[0]
+    module.gate_proj.weight = torch.nn.Parameter(merged[:size], requires_grad=gate.requires_grad)
+    module.up_proj.weight = torch.nn.Parameter(merged[size:], requires_grad=up.requires_grad)
+    module.sluice_gate_up_weight = merged
 
 
 def _mlp_matches(module: torch.nn.Module) -> bool:
@@ -126,8 +145,9 @@ def _mlp_matches(module: torch.nn.Module) -> bool:
     x = torch.randn(3, 5, weight.shape[1], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         expected = module(x)
+        merged = torch.cat([module.gate_proj.weight, module.up_proj.weight])
         try:
-            got = module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+            got = module.down_proj(silu_and_mul(torch.nn.functional.linear(x, merged)))
         except Exception:  # noqa: BLE001 - a kernel that cannot run here must not stop the engine
             logger.warning(
                 "Fused SiLU MLP failed on %s; keeping transformers' own", type(module).__name__, exc_info=True
@@ -137,7 +157,7 @@ def _mlp_matches(module: torch.nn.Module) -> bool:
 
 
 def _install_mlps(model: torch.nn.Module) -> str:
-    return _install_forwards(model, _looks_like_silu_mlp, _mlp_matches, _fused_mlp_forward)
+    return _install_forwards(model, _looks_like_silu_mlp, _mlp_matches, _fused_mlp_forward, prepare=_merge_gate_up)
 
 
 # ---- rotary embedding ------------------------------------------------------------------------
