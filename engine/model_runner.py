@@ -99,7 +99,7 @@ class ModelRunner:
         vocab_size = text_config.vocab_size
         if loaded.tokenizer is not None:
             vocab_size = min(vocab_size, len(loaded.tokenizer))
-        self.sampler = Sampler(vocab_size, fused=self.backend == "triton")
+        self.sampler = Sampler(vocab_size, fused=self.backend == "triton" and _fused_sampler_works(self.device))
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner = None
@@ -355,6 +355,12 @@ def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
+
+
+def _fused_sampler_works(device: torch.device) -> bool:
+    from engine.kernels.sampling import gumbel_argmax_works
+
+    return gumbel_argmax_works(device)
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:

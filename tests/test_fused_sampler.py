@@ -104,3 +104,16 @@ def test_seeded_sampling_in_the_engine_does_not_depend_on_batch_or_scheduling(mo
         assert batch[0].outputs[0].token_ids == alone.outputs[0].token_ids
         results.append(alone.outputs[0].token_ids)
     assert results[0] == results[1]
+
+
+def test_a_kernel_that_cannot_run_leaves_the_torch_path(monkeypatch, model_dir_factory):
+    from engine.kernels import sampling
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(sampling, "gumbel_argmax", broken)
+    llm = LLM(model=str(model_dir_factory("qwen3")), device=DEVICE, attention_backend="triton", enforce_eager=True)
+    assert not llm.engine.runner.sampler.fused
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 3

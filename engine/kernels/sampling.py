@@ -13,9 +13,13 @@ requests) or from torch's global generator (the rest). Rows with temperature 0 t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -76,3 +80,21 @@ def gumbel_argmax(
         num_warps=8,
     )
     return out
+
+
+def gumbel_argmax_works(device: torch.device) -> bool:
+    """Whether the kernel compiles and runs here (checked once per engine): if not, the sampler keeps
+    its torch path rather than failing every step."""
+    logits = torch.zeros(2, 64, device=device)
+    logits[:, 7] = 1e4  # both rows must pick 7, greedy or sampled
+    try:
+        tokens = gumbel_argmax(
+            logits,
+            torch.tensor([0.0, 1.0], device=device),
+            torch.tensor([1, 2], dtype=torch.int64, device=device),
+            64,
+        )
+        return tokens.tolist() == [7, 7]
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        logger.warning("The fused sampling kernel failed its check; sampling uses the torch path", exc_info=True)
+        return False
