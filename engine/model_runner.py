@@ -313,8 +313,8 @@ class ModelRunner:
             ).last_hidden_state[0]
         return self.lm_head(hidden[logits_indices])
 
-    @staticmethod
-    def sampler_row(request: Request) -> SamplingRow:
+    def sampler_row(self, request: Request) -> SamplingRow:
+        # At launch a sequence has at most one token in flight: the previous step's.
         return SamplingRow(
             request.params,
             request.prompt_token_ids,
@@ -322,6 +322,7 @@ class ModelRunner:
             request.generator,
             request.grammar,
             position=len(request.output_token_ids) + request.num_inflight_tokens,
+            inflight_index=self._last_sampled_rows[request] if request.num_inflight_tokens else None,
         )
 
     @torch.inference_mode()
@@ -336,7 +337,7 @@ class ModelRunner:
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
         rows = [self.sampler_row(r) for r in inputs.sampled_requests]
-        output = self.sampler(logits, rows)
+        output = self.sampler(logits, rows, self._last_sampled)
         self._last_sampled = output.token_ids
         self._last_sampled_rows = {request: row for row, request in enumerate(inputs.sampled_requests)}
         return LaunchedStep(inputs.sampled_requests, output)

@@ -41,7 +41,7 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: list[int]
-    # Tokens generated so far by this sequence, before this step.
+    # Tokens generated so far by this sequence and known to the host, before this step.
     output_token_ids: list[int]
     # The sequence's own generator (on the logits' device) when params.seed is set, else None.
     generator: torch.Generator | None = None
@@ -50,6 +50,14 @@ class SamplingRow:
     # Which output token of the sequence this row samples (0 for the first); None: the count of
     # output_token_ids. Seeds the fused sampler's noise, so a seed gives the same text anywhere.
     position: int | None = None
+    # With async scheduling, the previous output token may still be on the device only: its row in
+    # the previous step's sampled tokens (the sampler's `previous_tokens`). Penalties count it there.
+    inflight_index: int | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated before this one, the one still in flight included."""
+        return len(self.output_token_ids) if self.position is None else self.position
 
 
 @dataclass
@@ -87,7 +95,11 @@ class Sampler:
         self.vocab_size = vocab_size
         self.fused = fused
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], previous_tokens: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """previous_tokens: the previous step's sampled ids on the device, which rows' inflight_index
+        point into."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         assert logits.shape[1] >= self.vocab_size, (logits.shape[1], self.vocab_size)
         device = logits.device
@@ -108,7 +120,7 @@ class Sampler:
 
         self._apply_logit_bias(processed, rows)
         self._apply_min_tokens(processed, rows)
-        self._apply_penalties(processed, rows)
+        self._apply_penalties(processed, rows, previous_tokens)
         # Last of the processors, so that greedy and random selection (and every filter) only ever
         # see tokens the grammar allows; the logprobs above stay those of the raw distribution.
         self._apply_grammars(processed, rows)
@@ -137,8 +149,7 @@ class Sampler:
         seeds = torch.randint(0, 1 << 62, (len(rows),), dtype=torch.int64).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:
-                position = len(row.output_token_ids) if row.position is None else row.position
-                seeds[i] = _row_seed(row.generator.initial_seed(), position)
+                seeds[i] = _row_seed(row.generator.initial_seed(), row.num_output_tokens)
         temperatures = [0.0 if p.greedy else p.temperature for p in params]
         token_ids = gumbel_argmax(
             logits,
@@ -180,7 +191,7 @@ class Sampler:
             p = row.params
             # A constrained output ends when its grammar is complete: the grammar then allows only
             # EOS, and banning EOS too would leave no token at all.
-            if len(row.output_token_ids) >= p.min_tokens or row.grammar is not None:
+            if row.num_output_tokens >= p.min_tokens or row.grammar is not None:
                 continue
             banned = set(p.stop_token_ids or ())
             if not p.ignore_eos:
@@ -194,7 +205,9 @@ class Sampler:
         index = _to_device([row_idx, token_idx], torch.int64, logits.device)
         logits[index[0], index[1]] = float("-inf")
 
-    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    def _apply_penalties(
+        self, logits: torch.Tensor, rows: list[SamplingRow], previous_tokens: torch.Tensor | None
+    ) -> None:
         params = [row.params for row in rows]
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
         use_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
@@ -212,6 +225,13 @@ class Sampler:
             for row, p in zip(rows, params, strict=True)
         ]
         output_counts = _token_counts(output_ids, vocab, device)
+        # Each row's token still in flight counts too; it is on the device only.
+        inflight = [(i, row.inflight_index) for i, row in enumerate(rows) if row.inflight_index is not None]
+        if inflight:
+            assert previous_tokens is not None, "rows with a token in flight need previous_tokens"
+            index = _to_device(list(zip(*inflight, strict=True)), torch.int64, device)
+            tokens = previous_tokens.index_select(0, index[1])
+            output_counts.index_put_((index[0], tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
 
         if use_repetition:
             prompt_ids = [
@@ -341,7 +361,7 @@ def _uses_processors(rows: list[SamplingRow]) -> bool:
             return True
         if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             return True
-        if len(row.output_token_ids) < p.min_tokens:
+        if row.num_output_tokens < p.min_tokens:
             return True
     return False
 

@@ -112,15 +112,10 @@ class SamplingParams:
 
     @property
     def needs_known_outputs(self) -> bool:
-        """Sampling the next token reads the previous one on the host: penalties count it, min_tokens
-        counts it, a grammar advances on it. Such a sequence's next step waits for its last token."""
-        return (
-            self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-            or self.min_tokens > 0
-            or self.structured_outputs is not None
-        )
+        """Sampling the next token needs the previous one on the host: a grammar's matcher (on the
+        CPU) advances on it before the next mask. Such a sequence's next step waits for its last
+        token. (Penalties count a token still in flight on the device, min_tokens only its count.)"""
+        return self.structured_outputs is not None
 
 
 def _check(ok: bool, param: str, message: str) -> None:

@@ -9,11 +9,14 @@ max_tokens.
 
 from __future__ import annotations
 
+import importlib.util
+
 import openai
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.model_runner import LaunchedStep
+from engine.structured_outputs import StructuredOutputsParams
 
 TEXT_PROMPTS = ["Héllo wörld", "The quick brown fox jumps over", "Ж", "🚀 ünïcödé story time, once upon a"]
 
@@ -58,7 +61,7 @@ def _workload(llm: LLM, eos_id: int) -> tuple[list, list[SamplingParams]]:
         stop_at_id,
         SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_tokens=9, logit_bias={eos_id: 6.0}),
         SamplingParams(temperature=1.0, top_k=20, seed=3, max_tokens=18, stop=["e", "a"]),
-        SamplingParams(temperature=1.0, seed=4, max_tokens=11, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=11, repetition_penalty=1.3, presence_penalty=0.5),
         stop_at_id,
         SamplingParams(temperature=0.7, min_p=0.1, seed=5, max_tokens=13, min_tokens=4, logit_bias={eos_id: 100.0}),
         SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0),
@@ -120,16 +123,33 @@ def test_a_step_is_launched_before_the_previous_steps_tokens_are_read(model_dir)
         assert order.index(("launch", k + 1)) < order.index(("result", k))
 
 
-def test_sampling_that_needs_the_previous_token_waits_for_it(model_dir):
+@pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
+def test_a_grammar_waits_for_the_previous_token(model_dir):
     llm = _llm(model_dir, True)
     order = _record_order(llm)
-    plain = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
-    penalized = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, presence_penalty=1.0)
-    llm.generate([[11] * 4, [12] * 5], [plain, penalized])
+    # The matcher runs on the host and must advance on each token before the next mask: no overlap.
+    constrained = SamplingParams(
+        temperature=1.0, max_tokens=6, structured_outputs=StructuredOutputsParams(regex="[a-z ]+")
+    )
+    llm.generate([[11] * 4, [12] * 5], constrained)
     launches = [k for kind, k in order if kind == "launch"]
-    # While the penalized sequence runs, its counts need every earlier token: no overlap at all.
+    assert len(launches) > 2
     for k in launches[:-1]:
         assert order.index(("result", k)) < order.index(("launch", k + 1))
+
+
+def test_penalties_count_the_token_in_flight_and_keep_the_overlap(model_dir):
+    # Greedy with a strong frequency penalty: a token left out of the counts would likely be picked
+    # again at once. Sync scheduling (every token known) is the oracle.
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, frequency_penalty=2.0, min_tokens=3)
+    prompts = [[11] * 4, [12, 13, 14, 15, 16]]
+    (expected, expected_2) = _llm(model_dir, False).generate(prompts, params)
+    llm = _llm(model_dir, True)
+    order = _record_order(llm)
+    got, got_2 = llm.generate(prompts, params)
+    assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert got_2.outputs[0].token_ids == expected_2.outputs[0].token_ids
+    assert any(a[0] == "launch" and b == ("result", a[1] - 1) for a, b in zip(order, order[1:]))
 
 
 def test_no_token_past_max_tokens_is_computed(model_dir):
