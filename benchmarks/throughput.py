@@ -191,6 +191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--enforce-eager", action="store_true", default=None)
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch step N+1 before reading step N's tokens (default: on for CUDA)",
+    )
     parser.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--num-kv-blocks", type=int)

@@ -213,6 +213,7 @@ def dummy_engine_config(args: argparse.Namespace, model_dir: str):
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": getattr(args, "async_scheduling", None),
         "attention_backend": args.attention_backend,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "num_kv_blocks": args.num_kv_blocks,
