@@ -75,8 +75,11 @@ export SLUICE_CACHE_DIR=/tmp/sluice-cache  # the demo tokenizer that serving use
 # 1. CUDA and Triton tests. Collection errors in modules this machine cannot import (the API tests
 # need fastapi) must not stop the GPU tests from running.
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-    step tests "$(cap 90 370)" "$PYTHON" -m pytest -q -m "cuda or triton" -p no:cacheprovider \
-        --continue-on-collection-errors -o addopts="" --junitxml="$OUT_DIR/tests.xml" tests
+    # Most telling first (a cut-off run still reports them), one line per test.
+    step tests "$(cap 100 360)" "$PYTHON" -m pytest -v -m "cuda or triton" -p no:cacheprovider \
+        --continue-on-collection-errors -o addopts="" --junitxml="$OUT_DIR/tests.xml" \
+        tests/test_cuda.py tests/test_fused_kernels.py tests/test_fused_sampler.py tests/test_engine_parity.py \
+        tests/test_triton_attention.py tests
 else
     printf 'tests\t0\tskipped: pytest missing\n' >>"$STATUS_FILE"
 fi
