@@ -24,6 +24,8 @@ from engine.sampler import Sampler, SamplingRow, make_generator  # noqa: E402
 pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# An explicit pool: on a GPU the engine would otherwise profile and take 90% of the card.
+SMALL_TRITON_ENGINE = dict(device=DEVICE, attention_backend="triton", num_kv_blocks=128, max_num_seqs=8)
 
 
 def _seeds(n: int, start: int = 0) -> torch.Tensor:
@@ -97,7 +99,7 @@ def test_seeded_sampling_in_the_engine_does_not_depend_on_batch_or_scheduling(mo
     prompts = [[21, 22, 23], [31, 32], [41, 42, 43, 44]]
     results = []
     for async_scheduling in (False, True):
-        llm = LLM(model=model_dir, device=DEVICE, attention_backend="triton", async_scheduling=async_scheduling)
+        llm = LLM(model=model_dir, async_scheduling=async_scheduling, **SMALL_TRITON_ENGINE)
         assert llm.engine.runner.sampler.fused
         (alone,) = llm.generate([prompts[0]], params)
         batch = llm.generate(prompts, [params, other, other])
@@ -113,7 +115,7 @@ def test_a_kernel_that_cannot_run_leaves_the_torch_path(monkeypatch, model_dir_f
         raise RuntimeError("no kernel here")
 
     monkeypatch.setattr(sampling, "gumbel_argmax", broken)
-    llm = LLM(model=str(model_dir_factory("qwen3")), device=DEVICE, attention_backend="triton", enforce_eager=True)
+    llm = LLM(model=str(model_dir_factory("qwen3")), enforce_eager=True, **SMALL_TRITON_ENGINE)
     assert not llm.engine.runner.sampler.fused
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True))
     assert len(out.outputs[0].token_ids) == 3
