@@ -129,7 +129,7 @@ tests_line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|passed|failed|error" "$OUT_D
 echo "tests: ${tests_line:-no result}"
 summaries=("$OUT_DIR/qwen3-0.6b.json" "$OUT_DIR/llama-3.1-8b.json")
 [[ -f "$OUT_DIR/qwen3-0.6b-sync.json" ]] && summaries+=("$OUT_DIR/qwen3-0.6b-sync.json")
-"$PYTHON" -m benchmarks.throughput --summarize "${summaries[@]}" 2>&1 | tee "$OUT_DIR/summary.md"
+"$PYTHON" -m benchmarks.report "${summaries[@]}" 2>&1 | tee "$OUT_DIR/summary.md"
 "$PYTHON" - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$OUT_DIR/summary.md"
 import json, sys
 from pathlib import Path

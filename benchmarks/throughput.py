@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import torch
 
 from benchmarks import roofline
 from benchmarks.hf_baselines import load_model_only, model_for_transformers, run_hf_generate, run_hf_generate_batch
+from benchmarks.report import format_table, print_targets
 from benchmarks.workload import (
     PRESETS,
     PROMPT_ID_LIMIT,
@@ -143,23 +144,6 @@ def _guarded(name: str, fn: Callable[[], SystemResult]) -> SystemResult:
         logging.getLogger(__name__).exception("%s failed", name)
         message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         return SystemResult(name, error=message)
-
-
-def _format_table(results: list[SystemResult], engine_rate: float | None) -> Iterator[str]:
-    header = ("system", "output tokens", "seconds", "output tok/s", "vs engine")
-    yield f"| {header[0]:<18} | {header[1]:>13} | {header[2]:>8} | {header[3]:>12} | {header[4]:>9} |"
-    yield f"|{'-' * 20}|{'-' * 15}|{'-' * 10}|{'-' * 14}|{'-' * 11}|"
-    for r in results:
-        if r.error:
-            yield f"| {r.system:<18} | {'error':>13} | {'-':>8} | {'-':>12} | {'-':>9} |  {r.error}"
-            continue
-        ratio = f"{r.tokens_per_s / engine_rate:.2f}x" if engine_rate else "-"
-        mark = " (partial)" if r.partial else ""
-        yield (
-            f"| {r.system:<18} | {r.output_tokens:>13} | {r.seconds:>8.2f} | {r.tokens_per_s:>12.1f} "
-            f"| {ratio:>9} |"
-            f"{mark}{'  ' + r.note if r.note else ''}"
-        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -334,9 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         free_device_memory(device)
 
     engine_rate = next((r.tokens_per_s for r in results if r.system == "engine" and not r.error), None)
-    for line in _format_table(results, engine_rate):
+    for line in format_table(results, engine_rate):
         print(line)
-    _print_targets(preset, results, engine_rate, report)
+    print_targets(preset, results, engine_rate, report)
     shutil.rmtree(model_dir, ignore_errors=True)
     return report.data
 
@@ -429,80 +413,6 @@ def _roofline_stage(
         report.set("roofline_error", f"{type(error).__name__}: {error}")
 
 
-def _print_targets(preset: Preset, results: list[SystemResult], engine_rate: float | None, report: Report) -> None:
-    checks = []
-    by_name = {r.system: r for r in results}
-    for system in ("hf-generate", "hf-generate-batch"):
-        target = preset.targets.get(system)
-        result = by_name.get(system)
-        if target is None or result is None or result.error or not engine_rate or not result.tokens_per_s:
-            continue
-        speedup = engine_rate / result.tokens_per_s
-        checks.append((f"engine / {system}", f"{speedup:.2f}x", f">= {target}x", speedup >= target))
-    share = report.data.get("roofline", {}).get("engine_share")
-    if "bound_share" in preset.targets and share is not None:
-        target = preset.targets["bound_share"]
-        checks.append(("share of roofline bound", f"{share:.1%}", f">= {target:.0%}", share >= target))
-    batch1 = report.data.get("decode_batch1")
-    if "batch1_over_weights" in preset.targets and batch1:
-        target = preset.targets["batch1_over_weights"]
-        checks.append(
-            (
-                "batch-1 step / weight time",
-                f"{batch1['ratio']:.2f}x",
-                f"<= {target}x",
-                batch1["ratio"] <= target,
-            )
-        )
-    for name, value, target, ok in checks:
-        print(f"# target {name}: {value} ({target}): {'met' if ok else 'MISSED'}")
-    report.set("targets", [{"name": n, "value": v, "target": t, "met": ok} for n, v, t, ok in checks])
-
-
-def summarize(paths: list[str]) -> list[str]:
-    """One short table over several --json reports (gpu_check.sh ends with it)."""
-    lines = [
-        "| preset | system | output tok/s | vs engine | share of bound | note |",
-        "|---|---|---|---|---|---|",
-    ]
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            lines.append(f"| {Path(path).stem} | - | - | - | - | unreadable: {error} |")
-            continue
-        preset = data.get("run", {}).get("preset", Path(path).stem)
-        systems = data.get("systems", {})
-        engine = systems.get("engine", {})
-        engine_rate = None if engine.get("error") else engine.get("tokens_per_s")
-        for name, row in systems.items():
-            if row.get("error"):
-                lines.append(f"| {preset} | {name} | error | - | - | {row['error'][:120]} |")
-                continue
-            rate = row["tokens_per_s"]
-            ratio = f"{rate / engine_rate:.2f}x" if engine_rate else "-"
-            share = ""
-            bound = data.get("roofline", {})
-            if name == "engine" and bound.get("engine_share") is not None:
-                share = f"{bound['engine_share']:.1%} of {bound['bound']['tokens_per_s']:,.0f}"
-            note = ("partial; " if row.get("partial") else "") + row.get("note", "")
-            lines.append(f"| {preset} | {name} | {rate:,.0f} | {ratio} | {share} | {note[:120]} |")
-        batch1 = data.get("decode_batch1")
-        if batch1:
-            lines.append(
-                f"| {preset} | decode batch 1 | {batch1['seconds_per_step'] * 1e3:.3f} ms/step | - | "
-                f"{batch1['ratio']:.2f}x weight time | weights/bandwidth "
-                f"{batch1['weights_over_bandwidth_s'] * 1e3:.3f} ms |"
-            )
-        if data.get("roofline_error"):
-            lines.append(f"| {preset} | roofline | error | - | - | {data['roofline_error'][:120]} |")
-        for target in data.get("targets", []):
-            status = "met" if target["met"] else "MISSED"
-            name, value = target["name"], target["value"]
-            lines.append(f"| {preset} | target: {name} | {value} | - | - | {target['target']} {status} |")
-    return lines
-
-
 def _exit_even_if_threads_linger() -> None:
     # A transformers manager thread that outlived its stop() would keep the process alive past
     # the numbers; they are printed and written by now.
@@ -514,8 +424,5 @@ def _exit_even_if_threads_linger() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--summarize"]:
-        print("\n".join(summarize(sys.argv[2:])))
-    else:
-        main()
-        _exit_even_if_threads_linger()
+    main()
+    _exit_even_if_threads_linger()

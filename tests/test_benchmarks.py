@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import profile_step, serving, structured_cost, throughput
+from benchmarks import profile_step, report, serving, structured_cost, throughput
 from benchmarks.workload import make_workload
 from engine.demo_model import demo_model_path
 
@@ -20,6 +20,10 @@ def test_throughput_runs_every_system_on_the_same_workload(tmp_path):
     for name, result in systems.items():
         assert result["error"] is None, name
         assert result["output_tokens"] == sum(output_lens), name
+    # The summary gpu_check.sh ends with: a row per system, then the preset's targets.
+    names = [row.split(" | ")[1] for row in report.summarize([str(out)])[2:]]
+    assert names[: len(systems)] == list(systems)
+    assert all(name.startswith("target: ") for name in names[len(systems) :])
 
 
 def test_structured_cost_compares_equal_token_counts(tmp_path):
