@@ -7,7 +7,7 @@
 - The modeling module's `apply_rotary_pos_emb` (looked up at call time by its attention classes)
   is wrapped so that it calls `apply_rotary`.
 
-Both fall through to transformers' own code outside an engine forward with the Triton backend, so
+Each falls through to transformers' own code outside an engine forward with the Triton backend, so
 the same model object still runs as plain transformers (the benchmarks' baselines use it). Each
 replacement is checked against the code it replaces on random inputs first, on the model's device
 and dtype; a module whose behaviour differs (another norm formula, partial rotary) keeps its own.
