@@ -81,6 +81,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="never capture CUDA graphs",
     )
+    engine.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine's step loop in a child process, so HTTP work never holds the GIL it needs "
+        "(default; --no-engine-process keeps it on a thread of the server's process)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -108,9 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so `sluice --help` answers without loading torch and transformers.
     from api.app import create_app
     from api.server import serve
-    from engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM(config)
+    if args.engine_process:
+        from engine.engine_process import EngineProcess
+
+        engine = EngineProcess(config)
+    else:
+        from engine.async_llm import AsyncLLM
+
+        engine = AsyncLLM(config)
     app = create_app(
         engine,
         api_key=args.api_key,

@@ -27,31 +27,40 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
-        config = config or EngineConfig(**overrides)
-        self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
-        self.model_name = self.engine.model_name
-        self.max_model_len = self.engine.max_model_len
-        self.vocab_size = self.engine.vocab_size
+class StreamingEngineClient:
+    """The event-loop side shared by the engine fronts: one asyncio.Queue per request, filled from
+    the engine's side with `_hand_back`, read (and coalesced) by `generate`.
+
+    A front provides `_prepare_add` (what an "add" command carries), `_submit`, `is_alive`,
+    `stats` and `close`, and sets tokenizer, model_name, max_model_len and vocab_size.
+    """
+
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+
+    def __init__(self) -> None:
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._commands: list[tuple[str, Any]] = []
-        self._wakeup = threading.Condition()
         self._stopping = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sluice-engine-loop", daemon=True)
-        self._thread.start()
-
-    # ---- client side (event loop) ------------------------------------------------------------
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None and not self._stopping
+        raise NotImplementedError
 
     def stats(self) -> dict[str, int]:
-        return self.engine.stats()
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def _prepare_add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Any:
+        raise NotImplementedError
+
+    def _submit(self, command: str, payload: Any) -> None:
+        raise NotImplementedError
 
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str
@@ -59,14 +68,13 @@ class AsyncLLM:
         """Yields the request's outputs as the engine produces them; closing the generator aborts it."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
-        # Tokenizing a long prompt or compiling a grammar takes milliseconds to seconds: off the event loop.
-        user_request = await asyncio.to_thread(self.engine.process_request, request_id, prompt, params)
+        payload = await self._prepare_add(request_id, prompt, params)
         if request_id in self._streams:
             raise ValueError(f"Invalid value for 'request_id': {request_id!r} is already running")
         self._loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._submit("add", user_request)
+        self._submit("add", payload)
         finished = False
         held: Any = None  # an item taken from the queue while coalescing, not yet handled
         try:
@@ -97,18 +105,6 @@ class AsyncLLM:
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-    def close(self) -> None:
-        """Stop the loop thread; requests still in flight end with finish_reason 'abort'."""
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
-        self._thread.join()
-
-    def _submit(self, command: str, payload: Any) -> None:
-        with self._wakeup:
-            self._commands.append((command, payload))
-            self._wakeup.notify()
-
     def _deliver(self, outputs: list[RequestOutput | tuple[str, BaseException]]) -> None:
         for output in outputs:
             if isinstance(output, tuple):
@@ -120,6 +116,55 @@ class AsyncLLM:
             queue = self._streams.get(output.request_id)
             if queue is not None:
                 queue.put_nowait(output)
+
+    def _hand_back(self, outputs: list) -> None:
+        """From any thread: queue outputs (and per-request errors) for their streams."""
+        if outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._error = error
+        self._hand_back([(rid, error) for rid in list(self._streams)])
+
+
+class AsyncLLM(StreamingEngineClient):
+    """The engine in this process, its step loop on its own thread."""
+
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        config = config or EngineConfig(**overrides)
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
+        self._commands: list[tuple[str, Any]] = []
+        self._wakeup = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="sluice-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self._stopping
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the loop thread; requests still in flight end with finish_reason 'abort'."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    async def _prepare_add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Any:
+        # Tokenizing a long prompt or compiling a grammar takes milliseconds to seconds: off the event loop.
+        return await asyncio.to_thread(self.engine.process_request, request_id, prompt, params)
+
+    def _submit(self, command: str, payload: Any) -> None:
+        with self._wakeup:
+            self._commands.append((command, payload))
+            self._wakeup.notify()
 
     # ---- engine side (loop thread) -----------------------------------------------------------
 
@@ -152,9 +197,4 @@ class AsyncLLM:
                 self._hand_back(outputs)
         except BaseException as error:  # a bug, not a request's input: fail every stream loudly
             logger.exception("engine loop failed")
-            self._error = error
-            self._hand_back([(rid, error) for rid in list(self._streams)])
-
-    def _hand_back(self, outputs: list) -> None:
-        if outputs and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+            self._fail_all(error)

@@ -57,17 +57,22 @@ def model_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> ModelDirFacto
 
 @pytest.fixture(scope="session")
 def serve_tiny_model(model_dir_factory: ModelDirFactory) -> Callable[..., contextlib.AbstractContextManager]:
-    """`with serve_tiny_model(name, arch="llama", api_key=None, **engine_settings) as server:` runs the
-    real app under uvicorn on a free loopback port, serving a tiny model on the CPU as `name`."""
+    """`with serve_tiny_model(name, arch="llama", api_key=None, engine_process=False, **engine_settings)
+    as server:` runs the real app under uvicorn on a free loopback port, serving a tiny model on the
+    CPU as `name` (with `engine_process`, from a child process)."""
     from api.app import create_app
     from api.server import BackgroundServer
     from engine.async_llm import AsyncLLM
     from engine.config import EngineConfig
+    from engine.engine_process import EngineProcess
 
     @contextlib.contextmanager
-    def serve(name: str, arch: str = "llama", api_key: str | None = None, **settings: Any) -> Iterator:
+    def serve(
+        name: str, arch: str = "llama", api_key: str | None = None, engine_process: bool = False, **settings: Any
+    ) -> Iterator:
         config = EngineConfig(model=str(model_dir_factory(arch)), served_model_name=name, device="cpu", **settings)
-        with BackgroundServer(create_app(AsyncLLM(config), api_key=api_key)) as running:
+        engine = EngineProcess(config) if engine_process else AsyncLLM(config)
+        with BackgroundServer(create_app(engine, api_key=api_key)) as running:
             yield running
 
     return serve

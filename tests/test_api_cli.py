@@ -22,6 +22,8 @@ def test_defaults_serve_the_demo_model_on_loopback(monkeypatch):
     config = engine_config_from_args(args)
     assert config.model is None  # None: the built-in demo model
     assert config.block_size == 16
+    assert args.engine_process  # the step loop runs in a child process unless told otherwise
+    assert not _serve_args("--no-engine-process").engine_process
 
 
 def test_engine_flags_reach_the_engine_config():

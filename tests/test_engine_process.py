@@ -1,0 +1,87 @@
+"""The server with its engine in a child process (`--engine-process`) behaves as with the in-process
+engine: the same tokens through the OpenAI SDK, the same 400s, aborts that free blocks, a clean
+stop, and 503s once the child is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+MODEL = "tiny-process"
+MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+GREEDY = {"max_tokens": 12, "temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def server(serve_tiny_model):
+    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=256) as running:
+        yield running
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _kv_blocks_used(server) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("sluice_kv_blocks_used "):
+            return float(line.split()[1])
+    raise AssertionError("no sluice_kv_blocks_used in /metrics")
+
+
+def test_streamed_and_whole_answers_match_the_in_process_engine(server, serve_tiny_model):
+    client = _client(server)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **GREEDY)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    assert whole.choices[0].message.content == streamed and whole.usage.completion_tokens == 12
+    with serve_tiny_model(MODEL, num_kv_blocks=256) as in_process:
+        expected = _client(in_process).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    assert streamed == expected.choices[0].message.content
+
+
+def test_a_request_the_engine_refuses_is_a_400_and_the_server_carries_on(server):
+    client = _client(server)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**7)
+    assert "maximum context length" in caught.value.message
+    ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_stream_closed_early_frees_its_blocks(server):
+    client = _client(server)
+    body = {"max_tokens": 400, "extra_body": {"ignore_eos": True}}
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **body)
+    next(iter(stream))
+    assert _kv_blocks_used(server) > 0
+    stream.close()
+    deadline = time.monotonic() + 10
+    while _kv_blocks_used(server) > 0:
+        assert time.monotonic() < deadline, "blocks still used after the stream was closed"
+        time.sleep(0.05)
+
+
+def test_stopping_the_server_stops_the_child(serve_tiny_model):
+    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=64) as running:
+        engine = running.app.state.sluice.engine
+        assert engine.is_alive
+    assert engine._process.exitcode == 0
+
+
+def test_when_the_child_dies_health_and_requests_say_503(serve_tiny_model):
+    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=64) as running:
+        engine = running.app.state.sluice.engine
+        os.kill(engine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{running.url}/health").status_code != 503:
+            assert time.monotonic() < deadline, "/health never noticed the engine was gone"
+            time.sleep(0.05)
+        with pytest.raises(openai.APIStatusError) as caught:
+            _client(running).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+        assert caught.value.status_code == 503
