@@ -36,8 +36,13 @@ class EngineProcess(StreamingEngineClient):
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         commands_end, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
         self._results, results_end = context.Pipe(duplex=False)
+        # The child logs as this process does (its KV-cache sizing, CUDA graphs, failures).
+        log_level = logging.getLogger().getEffectiveLevel()
         self._process = context.Process(
-            target=_engine_main, args=(config, commands_end, results_end), name="sluice-engine", daemon=True
+            target=_engine_main,
+            args=(config, commands_end, results_end, log_level),
+            name="sluice-engine",
+            daemon=True,
         )
         self._process.start()
         commands_end.close()
@@ -114,7 +119,8 @@ class EngineProcess(StreamingEngineClient):
 # ---- the child ---------------------------------------------------------------------------------
 
 
-def _engine_main(config: EngineConfig, commands: Connection, results: Connection) -> None:
+def _engine_main(config: EngineConfig, commands: Connection, results: Connection, log_level: int) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C (and a group-wide SIGTERM) reaches the child too; the server decides when the engine
     # stops, draining first. If the server dies instead, the closed pipe ends the loop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

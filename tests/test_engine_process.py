@@ -4,6 +4,7 @@ stop, and 503s once the child is gone."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -67,11 +68,18 @@ def test_a_stream_closed_early_frees_its_blocks(server):
         time.sleep(0.05)
 
 
-def test_stopping_the_server_stops_the_child(serve_tiny_model):
-    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=64) as running:
-        engine = running.app.state.sluice.engine
-        assert engine.is_alive
+def test_the_child_logs_like_the_server_and_stops_with_it(serve_tiny_model, capfd):
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # the child takes the server's level when it starts
+    try:
+        with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=64) as running:
+            engine = running.app.state.sluice.engine
+            assert engine.is_alive
+    finally:
+        root.setLevel(level)
     assert engine._process.exitcode == 0
+    assert "KV cache: 64 blocks of 16 tokens" in capfd.readouterr().err  # the start-up sizing line
 
 
 def test_when_the_child_dies_health_and_requests_say_503(serve_tiny_model):
