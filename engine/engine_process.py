@@ -22,6 +22,7 @@ from typing import Any
 from engine.async_llm import EngineDeadError, StreamingEngineClient
 from engine.config import EngineConfig
 from engine.llm_engine import PromptType
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class EngineProcess(StreamingEngineClient):
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
         self._stats: dict[str, int] = stats
+        # Each request's prompt, sent by the child with its first output only (see _send_outputs).
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._reader = threading.Thread(target=self._read, name="sluice-engine-results", daemon=True)
         self._reader.start()
 
@@ -102,9 +105,9 @@ class EngineProcess(StreamingEngineClient):
                 kind, payload, stats = self._results.recv()
                 self._stats = stats
                 if kind == "outputs":
-                    self._hand_back(payload)
+                    self._hand_back(self._restore_prompts(payload))
                 elif kind == "stopped":
-                    self._hand_back(payload)
+                    self._hand_back(self._restore_prompts(payload))
                     return
                 else:  # "died": the loop raised; its traceback is the payload
                     logger.error("engine process failed:\n%s", payload)
@@ -114,6 +117,19 @@ class EngineProcess(StreamingEngineClient):
             if not self._stopping:
                 logger.error("engine process exited (code %s)", self._process.exitcode)
                 self._fail_all(EngineDeadError("the engine process exited"))
+
+
+    def _restore_prompts(self, outputs: list) -> list:
+        for output in outputs:
+            if not isinstance(output, RequestOutput):
+                continue
+            if output.prompt_token_ids is None:
+                output.prompt, output.prompt_token_ids = self._prompts[output.request_id]
+            else:
+                self._prompts[output.request_id] = (output.prompt, output.prompt_token_ids)
+            if output.finished:
+                del self._prompts[output.request_id]
+        return outputs
 
 
 # ---- the child ---------------------------------------------------------------------------------
@@ -149,6 +165,7 @@ def _serve(engine: Any, commands: Connection, results: Connection) -> None:
     # Validation (and a grammar's compilation, which can take a second) runs beside the step loop.
     validator = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-validate")
     validating: dict[str, concurrent.futures.Future] = {}
+    reported: set[str] = set()  # requests whose prompt went with an earlier output
     while True:
         idle = not engine.has_unfinished_requests() and not validating
         stopping = False
@@ -180,9 +197,24 @@ def _serve(engine: Any, commands: Connection, results: Connection) -> None:
                 outputs.append((request_id, error))
         if stopping:
             outputs.extend(filter(None, (engine.abort_request(rid) for rid in list(engine.requests))))
-            results.send(("stopped", outputs, engine.stats()))
+            results.send(("stopped", _without_repeated_prompts(outputs, reported), engine.stats()))
             validator.shutdown(wait=False, cancel_futures=True)
             return
         if engine.has_unfinished_requests():
             outputs.extend(engine.step())
-        results.send(("outputs", outputs, engine.stats()))
+        results.send(("outputs", _without_repeated_prompts(outputs, reported), engine.stats()))
+
+
+def _without_repeated_prompts(outputs: list, reported: set[str]) -> list:
+    """Sends each request's prompt with its first output only: pickling 256 prompts of ~500 ids on
+    every step would cost several milliseconds a step on each side. The parent puts them back."""
+    for output in outputs:
+        if not isinstance(output, RequestOutput):
+            continue
+        if output.request_id in reported:
+            output.prompt, output.prompt_token_ids = None, None
+        if output.finished:
+            reported.discard(output.request_id)
+        elif output.prompt_token_ids is not None:
+            reported.add(output.request_id)
+    return outputs

@@ -37,13 +37,19 @@ def _kv_blocks_used(server) -> float:
 
 def test_streamed_and_whole_answers_match_the_in_process_engine(server, serve_tiny_model):
     client = _client(server)
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **GREEDY)
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
     assert whole.choices[0].message.content == streamed and whole.usage.completion_tokens == 12
     with serve_tiny_model(MODEL, num_kv_blocks=256) as in_process:
         expected = _client(in_process).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
     assert streamed == expected.choices[0].message.content
+    # The child sends a prompt with a request's first output only; the usage still counts it.
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == expected.usage.prompt_tokens > 0
 
 
 def test_a_request_the_engine_refuses_is_a_400_and_the_server_carries_on(server):
@@ -93,3 +99,23 @@ def test_when_the_child_dies_health_and_requests_say_503(serve_tiny_model):
         with pytest.raises(openai.APIStatusError) as caught:
             _client(running).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
         assert caught.value.status_code == 503
+
+
+def test_a_prompt_crosses_the_pipe_once_and_every_output_still_carries_it():
+    from types import SimpleNamespace
+
+    from engine.engine_process import EngineProcess, _without_repeated_prompts
+    from engine.outputs import CompletionOutput, RequestOutput
+
+    def step(finished: bool) -> list[RequestOutput]:
+        completion = CompletionOutput(index=0, text="x", token_ids=[7])
+        return [RequestOutput("r", "Hi", [1, 2, 3], [completion], finished=finished)]
+
+    reported: set[str] = set()
+    sent = [_without_repeated_prompts(step(finished), reported) for finished in (False, False, True)]
+    assert [s[0].prompt_token_ids for s in sent] == [[1, 2, 3], None, None]  # only the first carries it
+    assert not reported  # forgotten once finished
+    parent = SimpleNamespace(_prompts={})
+    received = [EngineProcess._restore_prompts(parent, outputs) for outputs in sent]
+    assert all(r[0].prompt_token_ids == [1, 2, 3] and r[0].prompt == "Hi" for r in received)
+    assert parent._prompts == {}
