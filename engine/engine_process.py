@@ -118,7 +118,6 @@ class EngineProcess(StreamingEngineClient):
                 logger.error("engine process exited (code %s)", self._process.exitcode)
                 self._fail_all(EngineDeadError("the engine process exited"))
 
-
     def _restore_prompts(self, outputs: list) -> list:
         for output in outputs:
             if not isinstance(output, RequestOutput):

@@ -16,7 +16,7 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import make_generator
 from engine.sampling_params import OutputKind, SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import Scheduler
 from engine.structured_outputs import GrammarManager
 
 logger = logging.getLogger(__name__)
@@ -203,35 +203,31 @@ class LLMEngine:
         """Schedule and launch one step; return the outputs of the tokens that became known.
 
         Synchronous scheduling reads the step's own tokens before returning. Async scheduling
-        launches step N+1 first and reads step N's tokens while the device computes N+1, so the
-        host's bookkeeping (stop checks, detokenizing, outputs, the next schedule) hides behind the
-        GPU. The costs: outputs come one step later, and a sequence that stops at step N has computed
-        one more token in step N+1 that is thrown away.
+        queues step N+1's forward pass first, then reads step N's tokens while the GPU computes it,
+        then queues N+1's sampling, which by then sees every earlier token on the host (penalties,
+        min_tokens and grammars need them). The host's bookkeeping (stop checks, detokenizing,
+        outputs, the next schedule) so hides behind the GPU. The costs: outputs come one step
+        later, and a sequence that stops at step N has one more token computed in step N+1, thrown
+        away.
         """
-        outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self._next_step_needs_tokens(self._in_flight):
-            outputs = self._collect(self._in_flight)
-            self._in_flight = None
         batch = self.scheduler.schedule()
-        launched = self._launch(batch) if batch.requests else None
+        forward = None
+        if batch.requests:
+            forward = self.runner.launch_forward(batch)
+            self.scheduler.cache_computed_blocks(batch)
+        outputs: list[RequestOutput] = []
         if self._in_flight is not None:
             outputs = self._collect(self._in_flight)
-        self._in_flight = launched
-        if launched is not None and not self.async_scheduling:
-            outputs = self._collect(launched)
             self._in_flight = None
-        return outputs
-
-    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        launched = self.runner.launch(batch)
-        self.scheduler.cache_computed_blocks(batch)
+        if forward is None:
+            return outputs
+        launched = self.runner.launch_sampling(forward)
         for sequence in launched.sampled_requests:
             sequence.num_inflight_tokens += 1
-        return launched
-
-    @staticmethod
-    def _next_step_needs_tokens(launched: LaunchedStep) -> bool:
-        return any(s.params.needs_known_outputs and not s.is_finished for s in launched.sampled_requests)
+        if self.async_scheduling:
+            self._in_flight = launched
+            return outputs
+        return self._collect(launched)
 
     def _collect(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and hand them to their sequences."""

@@ -67,6 +67,14 @@ class LaunchedStep:
 
 
 @dataclass
+class LaunchedForward:
+    """A step's forward pass queued on the device: the logits of its sampled rows, to sample next."""
+
+    sampled_requests: list[Request]
+    logits: torch.Tensor | None  # [S, V] on the device; None when the step samples nothing
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -313,34 +321,43 @@ class ModelRunner:
             ).last_hidden_state[0]
         return self.lm_head(hidden[logits_indices])
 
-    def sampler_row(self, request: Request) -> SamplingRow:
-        # At launch a sequence has at most one token in flight: the previous step's.
+    @staticmethod
+    def sampler_row(request: Request) -> SamplingRow:
         return SamplingRow(
-            request.params,
-            request.prompt_token_ids,
-            request.output_token_ids,
-            request.generator,
-            request.grammar,
-            position=len(request.output_token_ids) + request.num_inflight_tokens,
-            inflight_index=self._last_sampled_rows[request] if request.num_inflight_tokens else None,
+            request.params, request.prompt_token_ids, request.output_token_ids, request.generator, request.grammar
         )
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        """Queue the step's forward pass and sampling on the device; never waits for the device."""
+    def launch_forward(self, batch: ScheduledBatch) -> LaunchedForward:
+        """Queue the step's forward pass on the device; never waits for the device.
+
+        Decode rows whose previous token is still in flight read it from the previous step's
+        sampled tokens on the device, so this may run before the host has read them.
+        """
         inputs = self.prepare(batch)
         if not inputs.sampled_requests:
             self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
-            return LaunchedStep([])
+            return LaunchedForward([], None)
         if inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch)):
             logits = self.graph_runner.run(inputs)
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
-        rows = [self.sampler_row(r) for r in inputs.sampled_requests]
-        output = self.sampler(logits, rows, self._last_sampled)
+        return LaunchedForward(inputs.sampled_requests, logits)
+
+    @torch.inference_mode()
+    def launch_sampling(self, forward: LaunchedForward) -> LaunchedStep:
+        """Queue the sampling of a launched forward; never waits for the device.
+
+        Called once the host knows every earlier token of the sampled sequences (the engine reads
+        the previous step's tokens in between), so penalties, min_tokens and grammars see them all.
+        """
+        if forward.logits is None:
+            return LaunchedStep([])
+        rows = [self.sampler_row(r) for r in forward.sampled_requests]
+        output = self.sampler(forward.logits, rows)
         self._last_sampled = output.token_ids
-        self._last_sampled_rows = {request: row for row, request in enumerate(inputs.sampled_requests)}
-        return LaunchedStep(inputs.sampled_requests, output)
+        self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
+        return LaunchedStep(forward.sampled_requests, output)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -15,8 +15,9 @@ warpers and vLLM do.
 
 With the Triton backend (fused=True), greedy rows and rows without filters skip the last stages:
 one kernel samples them by Gumbel-max (the same distribution as the exponential race), with
-Philox noise seeded per row. A seed therefore reproduces the same text on the same backend; the
-torch and Triton backends draw different (equally distributed) noise for the same seed.
+Philox noise seeded per row by (seed, position of the token). A seed therefore reproduces the
+same text on the same backend; the torch and Triton backends draw different (equally
+distributed) noise for the same seed.
 """
 
 from __future__ import annotations
@@ -47,17 +48,6 @@ class SamplingRow:
     generator: torch.Generator | None = None
     # The sequence's grammar matcher when its output is constrained (params.structured_outputs).
     grammar: SequenceGrammar | None = None
-    # Which output token of the sequence this row samples (0 for the first); None: the count of
-    # output_token_ids. Seeds the fused sampler's noise, so a seed gives the same text anywhere.
-    position: int | None = None
-    # With async scheduling, the previous output token may still be on the device only: its row in
-    # the previous step's sampled tokens (the sampler's `previous_tokens`). Penalties count it there.
-    inflight_index: int | None = None
-
-    @property
-    def num_output_tokens(self) -> int:
-        """Tokens generated before this one, the one still in flight included."""
-        return len(self.output_token_ids) if self.position is None else self.position
 
 
 @dataclass
@@ -95,11 +85,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.fused = fused
 
-    def __call__(
-        self, logits: torch.Tensor, rows: list[SamplingRow], previous_tokens: torch.Tensor | None = None
-    ) -> SamplerOutput:
-        """previous_tokens: the previous step's sampled ids on the device, which rows' inflight_index
-        point into."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         assert logits.shape[1] >= self.vocab_size, (logits.shape[1], self.vocab_size)
         device = logits.device
@@ -120,7 +106,7 @@ class Sampler:
 
         self._apply_logit_bias(processed, rows)
         self._apply_min_tokens(processed, rows)
-        self._apply_penalties(processed, rows, previous_tokens)
+        self._apply_penalties(processed, rows)
         # Last of the processors, so that greedy and random selection (and every filter) only ever
         # see tokens the grammar allows; the logprobs above stay those of the raw distribution.
         self._apply_grammars(processed, rows)
@@ -149,7 +135,8 @@ class Sampler:
         seeds = torch.randint(0, 1 << 62, (len(rows),), dtype=torch.int64).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:
-                seeds[i] = _row_seed(row.generator.initial_seed(), row.num_output_tokens)
+                # The position of the token sampled now: the draw depends on nothing else.
+                seeds[i] = _row_seed(row.generator.initial_seed(), len(row.output_token_ids))
         temperatures = [0.0 if p.greedy else p.temperature for p in params]
         token_ids = gumbel_argmax(
             logits,
@@ -191,7 +178,7 @@ class Sampler:
             p = row.params
             # A constrained output ends when its grammar is complete: the grammar then allows only
             # EOS, and banning EOS too would leave no token at all.
-            if row.num_output_tokens >= p.min_tokens or row.grammar is not None:
+            if len(row.output_token_ids) >= p.min_tokens or row.grammar is not None:
                 continue
             banned = set(p.stop_token_ids or ())
             if not p.ignore_eos:
@@ -205,9 +192,7 @@ class Sampler:
         index = _to_device([row_idx, token_idx], torch.int64, logits.device)
         logits[index[0], index[1]] = float("-inf")
 
-    def _apply_penalties(
-        self, logits: torch.Tensor, rows: list[SamplingRow], previous_tokens: torch.Tensor | None
-    ) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         params = [row.params for row in rows]
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
         use_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
@@ -225,14 +210,6 @@ class Sampler:
             for row, p in zip(rows, params, strict=True)
         ]
         output_counts = _token_counts(output_ids, vocab, device)
-        # Each row's token still in flight counts too; it is on the device only.
-        inflight = [(i, row.inflight_index) for i, row in enumerate(rows) if row.inflight_index is not None]
-        if inflight:
-            assert previous_tokens is not None, "rows with a token in flight need previous_tokens"
-            index = _to_device(list(zip(*inflight, strict=True)), torch.int64, device)
-            tokens = previous_tokens.index_select(0, index[1])
-            output_counts.index_put_((index[0], tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
-
         if use_repetition:
             prompt_ids = [
                 row.prompt_token_ids if p.repetition_penalty != 1.0 else [] for row, p in zip(rows, params, strict=True)
@@ -361,7 +338,7 @@ def _uses_processors(rows: list[SamplingRow]) -> bool:
             return True
         if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             return True
-        if row.num_output_tokens < p.min_tokens:
+        if len(row.output_token_ids) < p.min_tokens:
             return True
     return False
 

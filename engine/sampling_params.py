@@ -110,13 +110,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def needs_known_outputs(self) -> bool:
-        """Sampling the next token needs the previous one on the host: a grammar's matcher (on the
-        CPU) advances on it before the next mask. Such a sequence's next step waits for its last
-        token. (Penalties count a token still in flight on the device, min_tokens only its count.)"""
-        return self.structured_outputs is not None
-
 
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:

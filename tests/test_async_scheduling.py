@@ -10,6 +10,7 @@ max_tokens.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import openai
 import pytest
@@ -31,20 +32,24 @@ def _llm(model_dir, async_scheduling: bool, **settings) -> LLM:
 
 
 def _record_order(llm: LLM) -> list[tuple[str, int]]:
-    """Records ("launch", k) when step k is queued and ("result", k) when its tokens are read."""
+    """Records ("launch", k) when step k's forward pass is queued and ("result", k) when its tokens
+    are read."""
     events: list[tuple[str, int]] = []
     runner = llm.engine.runner
-    launch = runner.launch
+    launch_forward, launch_sampling = runner.launch_forward, runner.launch_sampling
 
-    def recording_launch(batch) -> LaunchedStep:
-        launched = launch(batch)
-        index = sum(1 for kind, _ in events if kind == "launch")
-        events.append(("launch", index))
+    def recording_forward(batch):
+        events.append(("launch", sum(1 for kind, _ in events if kind == "launch")))
+        return launch_forward(batch)
+
+    def recording_sampling(forward) -> LaunchedStep:
+        launched = launch_sampling(forward)
+        index = sum(1 for kind, _ in events if kind == "launch") - 1
         result = launched.result
         launched.result = lambda: (events.append(("result", index)), result())[1]
         return launched
 
-    runner.launch = recording_launch
+    runner.launch_forward, runner.launch_sampling = recording_forward, recording_sampling
     return events
 
 
@@ -124,23 +129,23 @@ def test_a_step_is_launched_before_the_previous_steps_tokens_are_read(model_dir)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
-def test_a_grammar_waits_for_the_previous_token(model_dir):
+def test_a_grammar_keeps_the_overlap_and_its_outputs(model_dir):
+    # The forward pass of step k+1 is queued before step k's tokens are read; its sampling waits
+    # for them, so the matcher has advanced when it builds the next mask.
+    constraint = StructuredOutputsParams(regex="[a-z]{3,20}( [a-z]{3,20}){2,4}")
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, structured_outputs=constraint) for s in (1, 2)]
+    prompts = [[11] * 4, [12] * 5]
+    expected = [o.outputs[0].text for o in _llm(model_dir, False).generate(prompts, params)]
     llm = _llm(model_dir, True)
     order = _record_order(llm)
-    # The matcher runs on the host and must advance on each token before the next mask: no overlap.
-    constrained = SamplingParams(
-        temperature=1.0, max_tokens=6, structured_outputs=StructuredOutputsParams(regex="[a-z ]+")
-    )
-    llm.generate([[11] * 4, [12] * 5], constrained)
-    launches = [k for kind, k in order if kind == "launch"]
-    assert len(launches) > 2
-    for k in launches[:-1]:
-        assert order.index(("result", k)) < order.index(("launch", k + 1))
+    assert [o.outputs[0].text for o in llm.generate(prompts, params)] == expected
+    assert all(re.fullmatch(constraint.regex, text) for text in expected)
+    assert any(a[0] == "launch" and b == ("result", a[1] - 1) for a, b in zip(order, order[1:]))
 
 
-def test_penalties_count_the_token_in_flight_and_keep_the_overlap(model_dir):
+def test_penalties_count_the_previous_token_and_keep_the_overlap(model_dir):
     # Greedy with a strong frequency penalty: a token left out of the counts would likely be picked
-    # again at once. Sync scheduling (every token known) is the oracle.
+    # again at once. Sync scheduling is the oracle.
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, frequency_penalty=2.0, min_tokens=3)
     prompts = [[11] * 4, [12, 13, 14, 15, 16]]
     (expected, expected_2) = _llm(model_dir, False).generate(prompts, params)

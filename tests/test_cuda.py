@@ -238,7 +238,7 @@ def test_launching_a_decode_step_never_waits_for_the_gpu(model_dir_factory):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        launched = runner.launch(batch)
+        launched = runner.launch_sampling(runner.launch_forward(batch))
         runner.sampler(logits, penalty_rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")

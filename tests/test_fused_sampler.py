@@ -67,7 +67,7 @@ def test_a_rows_draw_depends_on_its_seed_alone():
 
 def _row(params: SamplingParams, seed: int | None = None, position: int = 0) -> SamplingRow:
     generator = make_generator(seed, DEVICE) if seed is not None else None
-    return SamplingRow(params, [1, 2, 3], [4] * position, generator, position=position)
+    return SamplingRow(params, [1, 2, 3], [4] * position, generator)
 
 
 def test_the_sampler_routes_each_row_and_filtered_rows_match_the_torch_path():
