@@ -48,8 +48,8 @@ class Request:
     # Tokens scheduled for a forward pass, including the step queued on the device right now: a
     # step may be scheduled before the previous one finishes (their K/V is written in step order).
     num_computed_tokens: int = 0
-    # Tokens sampled on the device whose values the host has not read yet (0 to 2 while steps
-    # overlap). They count as tokens of the sequence when scheduling its next step.
+    # Tokens sampled on the device whose values the host has not read yet: with async scheduling,
+    # the last step's (0 or 1). They count as tokens of the sequence when scheduling its next step.
     num_inflight_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     block_ids: list[int] = field(default_factory=list)
