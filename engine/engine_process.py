@@ -37,6 +37,7 @@ class EngineProcess(StreamingEngineClient):
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         commands_end, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
         self._results, results_end = context.Pipe(duplex=False)
+        _grow_pipe(self._results)
         # The child logs as this process does (its KV-cache sizing, CUDA graphs, failures).
         log_level = logging.getLogger().getEffectiveLevel()
         self._process = context.Process(
@@ -129,6 +130,17 @@ class EngineProcess(StreamingEngineClient):
             if output.finished:
                 del self._prompts[output.request_id]
         return outputs
+
+
+def _grow_pipe(connection: Connection) -> None:
+    """A 1 MiB pipe buffer (Linux; the default is 64 KiB): a step's outputs for 256 requests are
+    ~20 KB, and a child that fills the buffer while this process is busy would stall its loop."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(connection.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError):
+        pass  # another OS, or a capped /proc/sys/fs/pipe-max-size: the default buffer works, just less slack
 
 
 # ---- the child ---------------------------------------------------------------------------------
