@@ -62,7 +62,7 @@ class EngineProcess(StreamingEngineClient):
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
         self._stats: dict[str, int] = stats
-        # Each request's prompt, sent by the child with its first output only (see _send_outputs).
+        # Each request's prompt, sent by the child with its first output only (_without_repeated_prompts).
         self._prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._reader = threading.Thread(target=self._read, name="sluice-engine-results", daemon=True)
         self._reader.start()
@@ -118,6 +118,9 @@ class EngineProcess(StreamingEngineClient):
             if not self._stopping:
                 logger.error("engine process exited (code %s)", self._process.exitcode)
                 self._fail_all(EngineDeadError("the engine process exited"))
+        except Exception:  # a message this side cannot read: no stream may wait forever
+            logger.exception("reading the engine process's results failed")
+            self._fail_all(EngineDeadError("the engine process's results could not be read"))
 
     def _restore_prompts(self, outputs: list) -> list:
         for output in outputs:
