@@ -4,14 +4,18 @@ stop, and 503s once the child is gone."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import signal
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
+from shared_specs import SCHEMAS
 
 MODEL = "tiny-process"
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
@@ -119,3 +123,19 @@ def test_a_prompt_crosses_the_pipe_once_and_every_output_still_carries_it():
     received = [EngineProcess._restore_prompts(parent, outputs) for outputs in sent]
     assert all(r[0].prompt_token_ids == [1, 2, 3] and r[0].prompt == "Hi" for r in received)
     assert parent._prompts == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
+def test_json_schema_answers_through_the_child(server):
+    """The grammar compiles on the child's validation thread and constrains its sampling."""
+    schema = SCHEMAS["nested"]
+    response = _client(server).chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=120,
+        temperature=1.0,
+        seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "nested", "schema": schema}},
+    )
+    assert response.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(response.choices[0].message.content), schema)
