@@ -6,7 +6,8 @@ With tool_choice "required" or a named function, the output must be
     {"name": "<one of the allowed tools>", "arguments": <JSON valid against that tool's parameters>}
     </tool_call>
 
-once, or several times separated by a newline when parallel calls are allowed: exactly what
+once (always, for a named function), or several times separated by a newline when tool_choice is
+"required" and parallel calls are allowed: exactly what
 `HermesToolParser` reads back and what the Qwen/Hermes chat templates render. The constraint is an
 EBNF grammar (xgrammar's dialect) for `StructuredOutputsParams(grammar=...)`; the JSON-schema parts
 are converted by xgrammar, so building it needs xgrammar, like running it does.
@@ -37,15 +38,17 @@ def forced_tool_call_constraint(
 ) -> StructuredOutputsParams:
     """The constraint for tool_choice "required" (any of `tools`) or a named function (that one).
 
-    `tools` are OpenAI function tools (dicts, or pydantic models of them); `parallel_tool_calls` allows
-    one or more calls instead of exactly one. Raises ValueError naming 'tools' or 'tool_choice'.
+    `tools` are OpenAI function tools (dicts, or pydantic models of them); with "required",
+    `parallel_tool_calls` allows one or more calls instead of exactly one. A named function is called
+    exactly once, as OpenAI and vLLM do. Raises ValueError naming 'tools' or 'tool_choice'.
     """
     functions = [_function_of(tool, i) for i, tool in enumerate(tools)]
     if not functions:
         raise ValueError("Invalid value for 'tools': tool_choice needs at least one tool to call")
-    chosen = _chosen_functions(functions, _as_dict(tool_choice))
+    choice = _as_dict(tool_choice)
+    chosen = _chosen_functions(functions, choice)
     key = json.dumps([[f["name"], f.get("parameters")] for f in chosen], ensure_ascii=False)
-    return StructuredOutputsParams(grammar=_grammar(key, bool(parallel_tool_calls)))
+    return StructuredOutputsParams(grammar=_grammar(key, bool(parallel_tool_calls) and choice == "required"))
 
 
 @functools.lru_cache(maxsize=64)
