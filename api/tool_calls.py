@@ -3,8 +3,9 @@
 - No tools, or tool_choice "none": the output is content; no parser runs.
 - "auto" (the default with tools): the model writes freely; the model family's parser (from the chat
   template, or --tool-call-parser) finds the calls it wrote. Without a parser the output is content.
-- "required" or a named function: the output is constrained to hermes-format calls
-  (`api.tool_constraints`), then read back with the hermes parser.
+- "required" or a named function: the output is constrained to calls in the model family's format
+  (`api.tool_constraints`: llama3_json for Llama 3 templates, hermes otherwise), then read back
+  with that format's parser.
 
 The message carries `tool_calls` and the text outside them (null when there is none); its
 finish_reason is "tool_calls" when the output has calls and ended on its own.
@@ -18,7 +19,7 @@ from typing import Any
 
 from api.errors import APIError, bad_request_from_value_error
 from api.protocol import ChatCompletionRequest
-from api.tool_constraints import forced_tool_call_constraint
+from api.tool_constraints import CALL_FORMATS, forced_tool_call_constraint
 from api.tool_parsers import (
     ContentDelta,
     HermesToolParser,
@@ -90,19 +91,20 @@ async def plan_tool_calls(
             # JSON objects) could turn the answer the client asked for into a call it did not expect.
             return NO_TOOL_CALLS
         return ToolCallPlan(parser=auto_parser, max_calls=max_calls)
+    # Forced calls take the model family's own format where we can write it, hermes otherwise.
+    parser = auto_parser if auto_parser is not None and auto_parser.name in CALL_FORMATS else HermesToolParser()
     try:
         # Off the event loop: the first forced call imports xgrammar and each new tool set compiles
         # its schemas (cached afterwards), both too slow to stall every other stream for.
         constraint = await asyncio.to_thread(
-            forced_tool_call_constraint, tools, choice, parallel_tool_calls=max_calls is None
+            forced_tool_call_constraint, tools, choice, parallel_tool_calls=max_calls is None, call_format=parser.name
         )
     except ValueError as error:
         # It names 'tools' or 'tool_choice'; 'structured_outputs' when xgrammar is missing.
         raise bad_request_from_value_error(
             error, default_param="tool_choice", renames={"structured_outputs": "tool_choice"}
         ) from None
-    # The constraint writes hermes-format calls, whatever the model family's own format.
-    return ToolCallPlan(parser=HermesToolParser(), constraint=constraint, max_calls=max_calls)
+    return ToolCallPlan(parser=parser, constraint=constraint, max_calls=max_calls)
 
 
 def tool_finish_reason(engine_reason: str | None, has_calls: bool) -> str | None:

@@ -1,16 +1,18 @@
-"""Forced tool calls: the constraint that makes a model's output a tool call of the hermes format.
+"""Forced tool calls: the constraint that makes a model's output tool calls in its family's format.
 
-With tool_choice "required" or a named function, the output must be
+With tool_choice "required" or a named function, the output must be calls of the allowed tools,
+with JSON arguments valid against each tool's parameters, in the format the model was trained on
+and its parser reads back:
 
-    <tool_call>
-    {"name": "<one of the allowed tools>", "arguments": <JSON valid against that tool's parameters>}
-    </tool_call>
+    hermes (Qwen, Hermes):   <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>
+                             several separated by a newline
+    llama3_json (Llama 3.1+): {"name": "f", "parameters": {...}}
+                             several separated by "; "
 
-once (always, for a named function), or several times separated by a newline when tool_choice is
-"required" and parallel calls are allowed: exactly what
-`HermesToolParser` reads back and what the Qwen/Hermes chat templates render. The constraint is an
-EBNF grammar (xgrammar's dialect) for `StructuredOutputsParams(grammar=...)`; the JSON-schema parts
-are converted by xgrammar, so building it needs xgrammar, like running it does.
+once (always, for a named function), or several when tool_choice is "required" and parallel calls
+are allowed. The constraint is an EBNF grammar (xgrammar's dialect) for
+`StructuredOutputsParams(grammar=...)`; the JSON-schema parts are converted by xgrammar, so building
+it needs xgrammar, like running it does.
 """
 
 from __future__ import annotations
@@ -31,10 +33,18 @@ from engine.structured_outputs import (
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
+# How each format writes one call around its arguments, and what separates calls.
+CALL_FORMATS: dict[str, tuple[str, str, str]] = {
+    "hermes": ('<tool_call>\n{{"name": {name}, "arguments": ', "}\n</tool_call>", "\n"),
+    "llama3_json": ('{{"name": {name}, "parameters": ', "}", "; "),
+}
+
+
 def forced_tool_call_constraint(
     tools: Sequence[Mapping[str, Any] | Any],
     tool_choice: str | Mapping[str, Any] | Any,
     parallel_tool_calls: bool = True,
+    call_format: str = "hermes",
 ) -> StructuredOutputsParams:
     """The constraint for tool_choice "required" (any of `tools`) or a named function (that one).
 
@@ -48,17 +58,19 @@ def forced_tool_call_constraint(
     choice = _as_dict(tool_choice)
     chosen = _chosen_functions(functions, choice)
     key = json.dumps([[f["name"], f.get("parameters")] for f in chosen], ensure_ascii=False)
-    return StructuredOutputsParams(grammar=_grammar(key, bool(parallel_tool_calls) and choice == "required"))
+    parallel = bool(parallel_tool_calls) and choice == "required"
+    return StructuredOutputsParams(grammar=_grammar(key, parallel, call_format))
 
 
 @functools.lru_cache(maxsize=64)
-def _grammar(functions_json: str, parallel: bool) -> str:
-    """EBNF of one (or one-or-more) hermes tool calls; cached, as clients resend the same tools."""
+def _grammar(functions_json: str, parallel: bool, call_format: str) -> str:
+    """EBNF of one (or one-or-more) tool calls; cached, as clients resend the same tools."""
     xgr = import_xgrammar()
     grammar_cls = xgr.Grammar
+    head_template, tail, separator = CALL_FORMATS[call_format]
     calls = []
     for name, parameters in json.loads(functions_json):
-        head = f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+        head = head_template.format(name=json.dumps(name, ensure_ascii=False))
         try:
             arguments = grammar_cls.from_ebnf(json_schema_grammar(parameters or _NO_PARAMETERS))
         except RuntimeError as error:
@@ -66,14 +78,14 @@ def _grammar(functions_json: str, parallel: bool) -> str:
                 f"Invalid value for 'tools': the parameters of function {name!r} are not a valid JSON "
                 f"schema: {xgrammar_message(error)}"
             ) from None
-        calls.append(
-            grammar_cls.concat(_literal(grammar_cls, head), arguments, _literal(grammar_cls, "}\n</tool_call>"))
-        )
+        calls.append(grammar_cls.concat(_literal(grammar_cls, head), arguments, _literal(grammar_cls, tail)))
     one_call = calls[0] if len(calls) == 1 else grammar_cls.union(*calls)
     if not parallel:
         return str(one_call)
     # A new start rule repeating the old one; xgrammar renames the old `root` when it reads this back.
-    repeated = grammar_cls.from_ebnf(f'{one_call}\ntool_calls ::= root ("\\n" root)*\n', root_rule_name="tool_calls")
+    repeated = grammar_cls.from_ebnf(
+        f"{one_call}\ntool_calls ::= root ({json.dumps(separator)} root)*\n", root_rule_name="tool_calls"
+    )
     return str(repeated)
 
 

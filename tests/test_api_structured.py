@@ -497,6 +497,18 @@ async def test_auto_mode_keeps_malformed_calls_as_content_and_respects_parallel_
     assert _assembled(await _stream(single, [CALLS_OUTPUT]), 0)[1] == EXPECTED_CALLS[:1]
 
 
+@needs_xgrammar
+async def test_forced_calls_take_the_model_familys_format():
+    request = ChatCompletionRequest(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required")
+    llama = await plan_tool_calls(request, Llama3JsonToolParser())
+    grammar = llama.constraint.grammar  # EBNF: its string literals escape the quotes
+    assert isinstance(llama.parser, Llama3JsonToolParser) and "parameters" in grammar and "<tool_call>" not in grammar
+    hermes = await plan_tool_calls(request, HermesToolParser())
+    assert isinstance(hermes.parser, HermesToolParser) and "<tool_call>" in hermes.constraint.grammar
+    unknown = await plan_tool_calls(request, None)  # no family format known: hermes
+    assert isinstance(unknown.parser, HermesToolParser) and "<tool_call>" in unknown.constraint.grammar
+
+
 async def test_auto_mode_reads_llama3_json_calls_with_that_parser():
     body = ChatCompletionRequest(model=MODEL, messages=USER, tools=TOOLS)
     plan = await plan_tool_calls(body, Llama3JsonToolParser())

@@ -219,10 +219,10 @@ def prompt_ids(llm):
     )
 
 
-def _forced_outputs(llm, prompt_ids, tool_choice, parallel, num=6):
+def _forced_outputs(llm, prompt_ids, tool_choice, parallel, num=6, call_format="hermes"):
     from api.tool_constraints import forced_tool_call_constraint
 
-    constraint = forced_tool_call_constraint(TOOLS, tool_choice, parallel_tool_calls=parallel)
+    constraint = forced_tool_call_constraint(TOOLS, tool_choice, parallel_tool_calls=parallel, call_format=call_format)
     params = [
         SamplingParams(temperature=0.0 if i == 0 else 1.0, seed=i, max_tokens=300, structured_outputs=constraint)
         for i in range(num)
@@ -248,6 +248,22 @@ def test_required_tool_call_names_a_tool_with_valid_arguments(llm, prompt_ids, p
         assert max(counts) > 1  # the grammar lets a call follow a call
     else:
         assert set(counts) == {1}
+
+
+@needs_xgrammar
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forced_calls_in_the_llama3_format_read_back_with_its_parser(llm, prompt_ids, parallel):
+    parser = get_tool_parser("llama3_json")
+    counts = []
+    for completion in _forced_outputs(llm, prompt_ids, "required", parallel, call_format="llama3_json"):
+        assert completion.finish_reason == "stop", completion.text
+        assert completion.text.startswith('{"name": ') and '"parameters": ' in completion.text
+        result = parser.parse(completion.text)
+        assert result.content is None and result.calls, completion.text
+        for call in result.calls:
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+        counts.append(len(result.calls))
+    assert (max(counts) > 1) if parallel else set(counts) == {1}
 
 
 @needs_xgrammar
