@@ -1,10 +1,12 @@
-"""asyncio front of the engine: a step loop on its own thread, one output stream per request.
+"""asyncio fronts of the engine: one output stream per request, the step loop elsewhere.
 
-Client coroutines never run engine code that touches the device: they validate and tokenize (in a
-worker thread, so a long prompt or a grammar compile never stalls the event loop), hand the request
-to the loop thread through a command queue, and await their own asyncio.Queue. The loop thread
-steps the engine and hands each step's outputs back to the event loop in one call, so the GPU never
-waits on HTTP and HTTP never waits on the GPU.
+`StreamingEngineClient` is the event-loop side both fronts share. `AsyncLLM` (here) runs the step
+loop on a thread of this process; `engine.engine_process.EngineProcess` runs it in a child
+process (what the server uses). Client coroutines never run engine code that touches the device:
+they hand the request to the loop (validated and tokenized first, in a worker thread, so a long
+prompt or a grammar compile never stalls the event loop) and await their own asyncio.Queue. The
+loop steps the engine and hands each step's outputs back to the event loop in one call, so the
+GPU never waits on HTTP and HTTP never waits on the GPU.
 """
 
 from __future__ import annotations
