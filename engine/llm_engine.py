@@ -241,7 +241,7 @@ class LLMEngine:
                 continue
             self._append_token(sequence, token_id, token_logprob)
             # A token that completes a block whose K/V a launched step already computes (async).
-            if sequence.num_tokens % block_size == 0 and not sequence.is_finished:
+            if sequence.num_tokens % block_size == 0:
                 self.kv_cache.cache_computed_blocks(sequence)
             self.generation_tokens_total += 1
             user_request = self.requests[sequence.user_request_id]

@@ -20,6 +20,7 @@ from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, SamplingRow, unpack_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
+from engine.transfers import host_to_device, to_pinned_host
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ class LaunchedStep:
         if output is None:
             return
         if output.token_ids.device.type == "cuda":
-            self._host_tokens = _to_pinned_host(output.token_ids)
+            self._host_tokens = to_pinned_host(output.token_ids)
             if output.packed_logprobs is not None:
-                self._host_logprobs = _to_pinned_host(output.packed_logprobs)
+                self._host_logprobs = to_pinned_host(output.packed_logprobs)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
@@ -98,16 +99,19 @@ class ModelRunner:
             text_config.hidden_size // text_config.num_attention_heads
         )
         self.backend = _pick_backend(config.attention_backend, self.device)
+        fused_sampler = False
         if self.backend == "triton":
             from engine.kernels.install import install_fused_kernels
+            from engine.kernels.sampling import gumbel_argmax_works
 
             install_fused_kernels(self.model)
+            fused_sampler = gumbel_argmax_works(self.device)
         self.base_model = self.model.base_model
         self.lm_head = self.model.get_output_embeddings()
         vocab_size = text_config.vocab_size
         if loaded.tokenizer is not None:
             vocab_size = min(vocab_size, len(loaded.tokenizer))
-        self.sampler = Sampler(vocab_size, fused=self.backend == "triton" and _fused_sampler_works(self.device))
+        self.sampler = Sampler(vocab_size, fused=fused_sampler)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graph_runner = None
@@ -261,22 +265,18 @@ class ModelRunner:
         )
 
         num_inflight = len(inflight_positions)
-        longs = _to_device(
-            np.concatenate(
-                [
-                    np.asarray(token_ids, dtype=np.int64),
-                    positions,
-                    slot_mapping,
-                    logits_indices,
-                    np.asarray(inflight_positions + inflight_sources, dtype=np.int64),
-                ]
-            ),
-            self.device,
+        longs = np.concatenate(
+            [
+                np.asarray(token_ids, dtype=np.int64),
+                positions,
+                slot_mapping,
+                logits_indices,
+                np.asarray(inflight_positions + inflight_sources, dtype=np.int64),
+            ]
         )
-        ints = _to_device(
-            np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()]),
-            self.device,
-        )
+        ints = np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()])
+        longs = host_to_device(torch.from_numpy(longs), self.device)
+        ints = host_to_device(torch.from_numpy(ints), self.device)
         input_ids, positions_d, slots_d, logits_d, inflight_d = longs.split(
             [num_tokens, num_tokens, num_tokens, len(sampled), 2 * num_inflight]
         )
@@ -358,27 +358,6 @@ class ModelRunner:
         self._last_sampled = output.token_ids
         self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
         return LaunchedStep(forward.sampled_requests, output)
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    if device.type == "cpu":
-        return tensor
-    # From pinned memory the copy is asynchronous: a pageable one would wait for all queued work.
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
-    """An asynchronous device-to-host copy; valid once the work queued so far has finished."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
-
-
-def _fused_sampler_works(device: torch.device) -> bool:
-    from engine.kernels.sampling import gumbel_argmax_works
-
-    return gumbel_argmax_works(device)
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:

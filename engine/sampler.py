@@ -31,6 +31,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.transfers import host_to_device
 
 if TYPE_CHECKING:
     from engine.structured_outputs import SequenceGrammar
@@ -355,14 +356,7 @@ def _row_seed(seed: int, position: int) -> int:
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor."""
-    return _host_to_device(torch.tensor(values, dtype=dtype), device)
-
-
-def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Through pinned memory on CUDA so the copy is asynchronous and the host can go on queueing work.
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -376,7 +370,7 @@ def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) 
     # The ids travel flat rather than padded: one long prompt would otherwise pad every row to its
     # length. numpy's fromiter converts Python ints several times faster than torch.tensor does.
     flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total))
-    flat = _host_to_device(flat, device)
+    flat = host_to_device(flat, device)
     row = torch.repeat_interleave(
         torch.arange(num_rows, device=device),
         _to_device(lengths, torch.int64, device),

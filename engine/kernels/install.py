@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -99,16 +99,7 @@ def _install_rms_norms(model: torch.nn.Module) -> str:
 def _rms_norm_matches(module: torch.nn.Module) -> bool:
     weight = module.weight
     x = 4 * torch.randn(3, 5, weight.shape[0], device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        expected = module(x)
-        try:
-            got = rms_norm(x, weight, module.variance_epsilon)
-        except Exception:  # noqa: BLE001 - a kernel that cannot run here must not stop the engine
-            logger.warning(
-                "Fused RMSNorm failed on %s; keeping transformers' own", type(module).__name__, exc_info=True
-            )
-            return False
-    return _close(got, expected, type(module).__name__)
+    return _matches(type(module).__name__, lambda: [module(x)], lambda: [rms_norm(x, weight, module.variance_epsilon)])
 
 
 # ---- gated SiLU MLP ---------------------------------------------------------------------------
@@ -143,17 +134,12 @@ def _merge_gate_up(module: torch.nn.Module) -> None:
 def _mlp_matches(module: torch.nn.Module) -> bool:
     weight = module.gate_proj.weight
     x = torch.randn(3, 5, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        expected = module(x)
-        merged = torch.cat([module.gate_proj.weight, module.up_proj.weight])
-        try:
-            got = module.down_proj(silu_and_mul(torch.nn.functional.linear(x, merged)))
-        except Exception:  # noqa: BLE001 - a kernel that cannot run here must not stop the engine
-            logger.warning(
-                "Fused SiLU MLP failed on %s; keeping transformers' own", type(module).__name__, exc_info=True
-            )
-            return False
-    return _close(got, expected, type(module).__name__)
+    merged = torch.cat([module.gate_proj.weight, module.up_proj.weight])
+    return _matches(
+        type(module).__name__,
+        lambda: [module(x)],
+        lambda: [module.down_proj(silu_and_mul(torch.nn.functional.linear(x, merged)))],
+    )
 
 
 def _install_mlps(model: torch.nn.Module) -> str:
@@ -201,14 +187,21 @@ def _rotary_matches(original: Callable, head_dim: int, like: torch.Tensor) -> bo
     make = functools.partial(torch.randn, device=like.device, dtype=like.dtype)
     q, k = make(1, 4, 3, head_dim), make(1, 2, 3, head_dim)
     cos, sin = make(1, 3, head_dim), make(1, 3, head_dim)
+    return _matches("rotary", lambda: original(q, k, cos, sin), lambda: apply_rotary(q, k, cos, sin))
+
+
+def _matches(
+    what: str, theirs: Callable[[], Sequence[torch.Tensor]], ours: Callable[[], Sequence[torch.Tensor]]
+) -> bool:
+    """Whether our kernels give what transformers' code gives on the same inputs. Any failure (another
+    signature, a kernel that cannot run here) is a no, logged: it must not stop the engine."""
     with torch.no_grad():
         try:
-            expected = original(q, k, cos, sin)
-            got = apply_rotary(q, k, cos, sin)
-        except Exception:  # noqa: BLE001 - another signature, or a kernel that cannot run here
-            logger.warning("Fused rotary embedding not used", exc_info=True)
+            expected, got = theirs(), ours()
+        except Exception:  # noqa: BLE001
+            logger.warning("Fused %s failed its check; keeping transformers' own", what, exc_info=True)
             return False
-    return _close(got[0], expected[0], "rotary") and _close(got[1], expected[1], "rotary")
+    return len(got) == len(expected) and all(_close(g, e, what) for g, e in zip(got, expected))
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> bool:
