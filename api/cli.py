@@ -32,7 +32,9 @@ _ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
     ("--max-model-len", "max_model_len", int, "context length (default: the model's)"),
     ("--attention-backend", "attention_backend", str, "auto, torch or triton"),
+    ("--tensor-parallel-size", "tensor_parallel_size", int, "shard the model over N devices (alias -tp)"),
 ]
+_FLAG_ALIASES = {"--tensor-parallel-size": ["-tp"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +70,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine = parser.add_argument_group("engine")
     for flag, field, kind, help_text in _ENGINE_FLAGS:
-        engine.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+        engine.add_argument(flag, *_FLAG_ALIASES.get(flag, []), dest=field, type=kind, default=None, help=help_text)
     engine.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -111,6 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-waiting-requests must be >= 0")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
+
+    if config.tensor_parallel_size > 1:
+        from engine.parallel.launch import launched_by_torchrun
+
+        if launched_by_torchrun() and os.environ["RANK"] != "0":  # several nodes: rank 0 serves, the rest work
+            from engine.parallel.worker import run_worker
+
+            run_worker(config)
+            return 0
 
     # Imported here so `sluice --help` answers without loading torch and transformers.
     from api.app import create_app

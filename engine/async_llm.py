@@ -158,6 +158,7 @@ class AsyncLLM(StreamingEngineClient):
             self._stopping = True
             self._wakeup.notify()
         self._thread.join()
+        self.engine.shutdown()
 
     async def _prepare_add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Any:
         # Tokenizing a long prompt or compiling a grammar takes milliseconds to seconds: off the event loop.
@@ -176,7 +177,8 @@ class AsyncLLM(StreamingEngineClient):
             while True:
                 with self._wakeup:
                     while not self._commands and not engine.has_unfinished_requests() and not self._stopping:
-                        self._wakeup.wait()
+                        self._wakeup.wait(timeout=1.0)
+                        engine.check_health()  # a dead tensor-parallel worker shows while idle too
                     commands, self._commands = self._commands, []
                     stopping = self._stopping
                 outputs: list = []

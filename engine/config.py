@@ -33,6 +33,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False  # token-id prompts only, no text (benchmarks of dummy models)
+    # Shard the model over this many devices (ranks; rank 0 drives, engine/parallel/ has the rest).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -65,6 +67,11 @@ class EngineConfig:
             self.num_kv_blocks is None or self.num_kv_blocks >= 1,
             "num_kv_blocks",
             f"must be >= 1, got {self.num_kv_blocks}",
+        )
+        _check(
+            self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            f"must be >= 1, got {self.tensor_parallel_size}",
         )
         _check(
             self.attention_backend in ("auto", "torch", "triton"),

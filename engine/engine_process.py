@@ -27,6 +27,8 @@ from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+_IDLE_HEALTH_CHECK_S = 1.0
+
 
 class EngineProcess(StreamingEngineClient):
     """`AsyncLLM`'s interface, with the engine in a child process (started here; `close` stops it)."""
@@ -173,6 +175,8 @@ def _engine_main(config: EngineConfig, commands: Connection, results: Connection
         _serve(engine, commands, results)
     except BaseException:
         results.send(("died", traceback.format_exc(), engine.stats()))
+    finally:
+        engine.shutdown()  # stops tensor-parallel workers
 
 
 def _serve(engine: Any, commands: Connection, results: Connection) -> None:
@@ -184,6 +188,9 @@ def _serve(engine: Any, commands: Connection, results: Connection) -> None:
         idle = not engine.has_unfinished_requests() and not validating
         stopping = False
         outputs: list = []
+        if idle:  # nothing to do until a command comes; meanwhile a dead TP worker must still show
+            while not commands.poll(_IDLE_HEALTH_CHECK_S):
+                engine.check_health()
         # Block for a command only when there is nothing else to do.
         while commands.poll(None if idle else 0):
             command, payload = commands.recv()

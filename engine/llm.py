@@ -29,6 +29,10 @@ class LLM:
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stops the engine's tensor-parallel workers (interpreter exit does too); idempotent."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -55,14 +55,26 @@ class UserRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        loaded = load(config)
+        # Tensor parallelism: this process is rank 0 and drives; the driver starts and owns the workers.
+        self.parallel = None
+        if config.tensor_parallel_size > 1:
+            from engine.parallel.launch import TensorParallelDriver
+
+            self.parallel = TensorParallelDriver(config)
+        try:
+            loaded = load(config, self.parallel.group if self.parallel is not None else None)
+            self.runner = ModelRunner(loaded, config)
+        except BaseException:
+            self.shutdown()
+            raise
+        if self.parallel is not None:
+            self.runner.step_sender = self.parallel.sender
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.served_name
         self.max_model_len = loaded.max_model_len
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.model.config.get_text_config().vocab_size
         self.device = loaded.device
-        self.runner = ModelRunner(loaded, config)
         self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.async_scheduling = (
@@ -210,6 +222,7 @@ class LLMEngine:
         later, and a sequence that stops at step N has one more token computed in step N+1, thrown
         away.
         """
+        self.check_health()  # a dead tensor-parallel worker fails the step rather than hanging it
         batch = self.scheduler.schedule()
         forward = None
         if batch.requests:
@@ -361,6 +374,17 @@ class LLMEngine:
             num_generated_tokens=sum(len(s.sequence.output_token_ids) for s in user_request.samples),
             queue_time=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
         )
+
+    def check_health(self) -> None:
+        """Raises if the engine can no longer step (a tensor-parallel worker died); cheap."""
+        if self.parallel is not None:
+            self.parallel.check_alive()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (idempotent). A one-device engine holds nothing
+        that needs stopping."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     # ---- introspection -----------------------------------------------------------------------
 

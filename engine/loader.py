@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from engine.attention import hf_integration
 from engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from engine.parallel.group import ParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ class LoadedModel:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_model_len: int
+    parallel: ParallelGroup | None = None  # this process's tensor-parallel group; None: one device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,8 +76,22 @@ def check_supported(hf_config, max_model_len: int) -> None:
         raise ValueError("sluicegate runs decoder-only models; this one is an encoder-decoder.")
 
 
-def load(config: EngineConfig) -> LoadedModel:
-    hf_integration.register()
+def check_tensor_parallel(hf_config, tensor_parallel_size: int) -> None:
+    """Refuse a size that does not divide the heads: transformers would split a head across ranks
+    and fail deep inside attention at the first forward."""
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    for name, count in (("attention heads", num_heads), ("KV heads", num_kv_heads)):
+        if count % tensor_parallel_size:
+            raise ValueError(
+                f"Invalid value for 'tensor_parallel_size': {tensor_parallel_size} does not divide the model's "
+                f"{count} {name}; use a divisor of {count}"
+            )
+
+
+def model_path_and_name(config: EngineConfig) -> tuple[str, str]:
+    """The directory or hub id to load, and the name clients use (the demo model when none is given)."""
     model_path = config.model
     served_name = config.served_model_name
     if model_path is None:
@@ -80,15 +99,24 @@ def load(config: EngineConfig) -> LoadedModel:
 
         model_path = str(demo_model_path())
         served_name = served_name or DEMO_MODEL_ID
+    return model_path, served_name or model_path
+
+
+def load(config: EngineConfig, parallel: ParallelGroup | None = None) -> LoadedModel:
+    """The model on this process's device; with `parallel`, this rank's shard of it."""
+    hf_integration.register()
+    model_path, served_name = model_path_and_name(config)
+    if config.model is None:
         logger.warning("No model given: running the built-in demo model (random weights: its replies are noise)")
-    served_name = served_name or model_path
-    device = resolve_device(config.device)
+    device = parallel.device if parallel is not None else resolve_device(config.device)
     hf_config = AutoConfig.from_pretrained(model_path)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = _max_model_len(hf_config, config.max_model_len)
     check_supported(hf_config, max_model_len)
 
-    if config.load_format == "dummy":
+    if parallel is not None:
+        model = _sharded_model(model_path, hf_config, dtype, config, parallel)
+    elif config.load_format == "dummy":
         model = _dummy_model(hf_config, dtype, device, config.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -108,6 +136,7 @@ def load(config: EngineConfig) -> LoadedModel:
         dtype=dtype,
         eos_token_ids=_eos_token_ids(model_path, tokenizer, hf_config),
         max_model_len=max_model_len,
+        parallel=parallel,
     )
 
 
@@ -130,6 +159,39 @@ def _dummy_model(hf_config, dtype: torch.dtype, device: torch.device, seed: int)
     # Built directly on the device so an 8B model never passes through host memory.
     with torch.device(device):
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def _sharded_model(
+    model_path: str, hf_config, dtype: torch.dtype, config: EngineConfig, parallel: ParallelGroup
+) -> PreTrainedModel:
+    """This rank's shard, cut by transformers' own tensor-parallel plan for the architecture
+    (`base_model_tp_plan`): the model's forward then holds its all-reduces, and our attention sees
+    this rank's heads only. transformers puts it on `cuda:$LOCAL_RANK` (or the CPU)."""
+    from transformers.distributed import DistributedConfig
+
+    check_tensor_parallel(hf_config, parallel.world_size)
+    accelerator = torch._C._get_accelerator().type  # the device type transformers shards onto
+    if accelerator != parallel.device.type:
+        raise ValueError(
+            f"Invalid value for 'device': tensor parallelism on {parallel.device.type} on a machine with "
+            f"{accelerator}; for the CPU, hide the GPUs (CUDA_VISIBLE_DEVICES='')"
+        )
+    distributed = DistributedConfig(tp_size=parallel.world_size)
+    if config.load_format == "dummy":
+        # from_config cannot shard. Each rank initialises its own shard at random; the same seed on
+        # every rank keeps the replicated weights (norms, biases of row-parallel layers) equal.
+        torch.manual_seed(config.seed)
+        hf_config._attn_implementation = hf_integration.ATTN_IMPLEMENTATION
+        model_class = AutoModelForCausalLM._model_mapping[type(hf_config)]
+        return model_class.from_pretrained(
+            None, config=hf_config, state_dict={}, dtype=dtype, distributed_config=distributed
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=dtype,
+        attn_implementation=hf_integration.ATTN_IMPLEMENTATION,
+        distributed_config=distributed,
+    )
 
 
 def _eos_token_ids(model_path: str, tokenizer, hf_config) -> frozenset[int]:

@@ -6,6 +6,7 @@ attention through the forward context. The LM head runs only on the rows that wi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -76,6 +77,26 @@ class LaunchedForward:
 
 
 @dataclass
+class StepLayout:
+    """The sizes of a step's two packed input tensors: all a tensor-parallel worker needs, besides
+    the tensors themselves, to rebuild the step (`unpack_step`)."""
+
+    num_tokens: int
+    num_sampled: int
+    num_seqs: int
+    max_blocks: int
+    max_query_len: int
+    max_seq_len: int
+
+    def to_fields(self) -> list[int]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_fields(cls, fields: list[int]) -> StepLayout:
+        return cls(*fields[: len(dataclasses.fields(cls))])
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -83,6 +104,34 @@ class StepInputs:
     logits_indices: torch.Tensor  # [S] rows of the batch whose next token is sampled
     sampled_requests: list[Request]
     is_decode_only: bool
+    layout: StepLayout
+    # The step's inputs as packed on the device (input ids, positions, slots, logits indices as
+    # int64; query starts, sequence lengths, block tables as int32): what a TP worker receives.
+    packed: tuple[torch.Tensor, torch.Tensor]
+
+
+def unpack_step(
+    longs: torch.Tensor, ints: torch.Tensor, layout: StepLayout, with_host_lists: bool
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """(input_ids, positions, metadata, logits_indices) as views of the packed tensors.
+    `with_host_lists` copies query starts and sequence lengths to the host (the torch reference
+    attention loops over them), which syncs on a GPU."""
+    num_tokens, num_seqs = layout.num_tokens, layout.num_seqs
+    input_ids, positions, slots, logits_indices = longs[: 3 * num_tokens + layout.num_sampled].split(
+        [num_tokens, num_tokens, num_tokens, layout.num_sampled]
+    )
+    query_start_loc, seq_lens, block_tables = ints.split([num_seqs + 1, num_seqs, num_seqs * layout.max_blocks])
+    metadata = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables.view(num_seqs, layout.max_blocks),
+        max_query_len=layout.max_query_len,
+        max_seq_len=layout.max_seq_len,
+        query_start_loc_host=query_start_loc.tolist() if with_host_lists else None,
+        seq_lens_host=seq_lens.tolist() if with_host_lists else None,
+    )
+    return input_ids, positions, metadata, logits_indices
 
 
 class ModelRunner:
@@ -94,7 +143,10 @@ class ModelRunner:
         self.max_model_len = loaded.max_model_len
         text_config = self.model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
-        self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
+        # Under tensor parallelism, this rank's attention sees (and caches) its own KV heads only.
+        self.parallel = loaded.parallel
+        tp_size = self.parallel.world_size if self.parallel is not None else 1
+        self.num_kv_heads = (text_config.num_key_value_heads or text_config.num_attention_heads) // tp_size
         self.head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
@@ -120,7 +172,11 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._last_sampled_rows: dict[Request, int] = {}
         self.num_kv_blocks = self._size_kv_cache(config)
+        if self.parallel is not None:  # rank 0's block tables index every rank's cache
+            self.num_kv_blocks = self.parallel.min_over_ranks(self.num_kv_blocks)
         self._allocate_kv_cache(self.num_kv_blocks)
+        # Rank 0 of a tensor-parallel engine sends each step's inputs to the workers (set by the engine).
+        self.step_sender = None
         logger.info(
             "KV cache: %d blocks of %d tokens, %.2f GiB (%s attention)",
             self.num_kv_blocks,
@@ -130,6 +186,10 @@ class ModelRunner:
         )
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphRunner
+
+            # Under tensor parallelism every rank captures here, at the same sizes in the same order
+            # (the model's all-reduces are inside the graphs), and rank 0 tells the workers which
+            # steps replay a graph.
 
             self.graph_runner = DecodeGraphRunner(self, max_batch_size=config.max_num_seqs)
             self.graph_runner.capture()
@@ -265,6 +325,14 @@ class ModelRunner:
         )
 
         num_inflight = len(inflight_positions)
+        layout = StepLayout(
+            num_tokens=num_tokens,
+            num_sampled=len(sampled),
+            num_seqs=num_seqs,
+            max_blocks=max_blocks,
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(ends.max()),
+        )
         longs = np.concatenate(
             [
                 np.asarray(token_ids, dtype=np.int64),
@@ -277,24 +345,14 @@ class ModelRunner:
         ints = np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()])
         longs = host_to_device(torch.from_numpy(longs), self.device)
         ints = host_to_device(torch.from_numpy(ints), self.device)
-        input_ids, positions_d, slots_d, logits_d, inflight_d = longs.split(
-            [num_tokens, num_tokens, num_tokens, len(sampled), 2 * num_inflight]
-        )
+        step_longs, inflight_d = longs.split([3 * num_tokens + len(sampled), 2 * num_inflight])
+        input_ids, positions_d, metadata, logits_d = unpack_step(step_longs, ints, layout, with_host_lists=False)
         if num_inflight:
             input_ids.index_copy_(
                 0, inflight_d[:num_inflight], self._last_sampled.index_select(0, inflight_d[num_inflight:])
             )
-        qsl_d, seq_lens_d, tables_d = ints.split([num_seqs + 1, num_seqs, block_tables.size])
-        metadata = AttentionMetadata(
-            slot_mapping=slots_d,
-            query_start_loc=qsl_d,
-            seq_lens=seq_lens_d,
-            block_tables=tables_d.view(num_seqs, max_blocks),
-            max_query_len=int(num_new.max()),
-            max_seq_len=int(ends.max()),
-            query_start_loc_host=query_start_loc.tolist(),
-            seq_lens_host=ends.tolist(),
-        )
+        metadata.query_start_loc_host = query_start_loc.tolist()
+        metadata.seq_lens_host = ends.tolist()
         return StepInputs(
             input_ids=input_ids,
             positions=positions_d,
@@ -303,6 +361,8 @@ class ModelRunner:
             sampled_requests=sampled,
             # Every row decodes one token and is sampled: the shape a captured CUDA graph expects.
             is_decode_only=num_tokens == num_seqs == len(sampled),
+            layout=layout,
+            packed=(step_longs, ints),
         )
 
     @torch.inference_mode()
@@ -335,13 +395,15 @@ class ModelRunner:
         sampled tokens on the device, so this may run before the host has read them.
         """
         inputs = self.prepare(batch)
-        if not inputs.sampled_requests:
-            self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
-            return LaunchedForward([], None)
-        if inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch)):
+        use_graph = inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch))
+        if self.step_sender is not None:  # the workers run this same forward on their shards
+            self.step_sender.send([*inputs.layout.to_fields(), int(use_graph)], *inputs.packed)
+        if use_graph:
             logits = self.graph_runner.run(inputs)
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
+        if not inputs.sampled_requests:
+            return LaunchedForward([], None)
         return LaunchedForward(inputs.sampled_requests, logits)
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from engine.attention.metadata import current_forward_context
 from engine.kernels.rms_norm import rms_norm
@@ -121,20 +122,37 @@ def _looks_like_silu_mlp(module: torch.nn.Module) -> bool:
     )
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor-parallel (DTensor) weight; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _merge_gate_up(module: torch.nn.Module) -> None:
-    """One [2I, H] weight for both projections; gate_proj and up_proj keep working on views of it."""
+    """One [2I, H] weight for both projections; gate_proj and up_proj keep working on views of it.
+
+    Under tensor parallelism both are column shards ([I/N, H] on each rank): the merge is of this
+    rank's shards, so the fused matmul yields this rank's gate and up columns, which is what the
+    row-parallel down_proj (whose forward holds the all-reduce) expects."""
     gate, up = module.gate_proj.weight, module.up_proj.weight
-    merged = torch.cat([gate.detach(), up.detach()])
-    size = gate.shape[0]
-    module.gate_proj.weight = torch.nn.Parameter(merged[:size], requires_grad=gate.requires_grad)
-    module.up_proj.weight = torch.nn.Parameter(merged[size:], requires_grad=up.requires_grad)
+    merged = torch.cat([_local(gate).detach(), _local(up).detach()])
+    size = _local(gate).shape[0]
+    module.gate_proj.weight = torch.nn.Parameter(_like(gate, merged[:size]), requires_grad=gate.requires_grad)
+    module.up_proj.weight = torch.nn.Parameter(_like(up, merged[size:]), requires_grad=up.requires_grad)
     module.sluice_gate_up_weight = merged
+
+
+def _like(original: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local` as the weight `original` was: a DTensor of the same layout over it, or itself."""
+    if not isinstance(original, DTensor):
+        return local
+    mesh, placements = original.device_mesh, original.placements
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=original.shape, stride=original.stride())
 
 
 def _mlp_matches(module: torch.nn.Module) -> bool:
     weight = module.gate_proj.weight
     x = torch.randn(3, 5, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    merged = torch.cat([module.gate_proj.weight, module.up_proj.weight])
+    merged = torch.cat([_local(module.gate_proj.weight), _local(module.up_proj.weight)])
     return _matches(
         type(module).__name__,
         lambda: [module(x)],
