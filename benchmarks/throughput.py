@@ -188,6 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-roofline", action="store_true", help="on CUDA, skip the bound and the batch-1 step")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, help="timed runs per system, best reported (default: the preset's)")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="shard the engine's model over N ranks (N GPUs, or N gloo processes on the CPU); the transformers "
+        "baselines and the single-device roofline are skipped",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for name in (
@@ -204,6 +211,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.tensor_parallel_size > 1:
+        # The baselines would run the engine's sharded model in this process alone, and its workers
+        # would never join their collectives; the roofline's model is one device's.
+        args.systems = ["engine"]
+        args.no_roofline = True
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -347,6 +359,8 @@ def _engine_stage(
         return None
     report.set("engine_build_seconds", time.perf_counter() - start)
     engine_result = _guarded("engine", lambda: run_engine(llm, workloads, output_lens, args.temperature))
+    if args.tensor_parallel_size > 1:
+        llm.shutdown()  # stops the workers; nothing below uses the sharded model
     results.append(engine_result)
     report.add_system(engine_result)
     if measured:

@@ -218,6 +218,7 @@ def dummy_engine_config(args: argparse.Namespace, model_dir: str):
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "num_kv_blocks": args.num_kv_blocks,
         "kv_cache_memory": args.kv_cache_memory,
+        "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
     }
     return EngineConfig(
         model=model_dir,

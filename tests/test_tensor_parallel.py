@@ -281,3 +281,30 @@ def _wait_until(condition, timeout: float, process: subprocess.Popen, log: list[
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"server: exit code {process.poll()}; log:\n{''.join(log)[-3000:]}")
         time.sleep(0.1)
+
+
+def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
+    """The several-node launch, on one node: torchrun starts both ranks; rank 0 serves."""
+    port, master_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0"]
+    command += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    command += ["-m", "api", "serve", "-tp", "2", "--device", "cpu", "--port", str(port)]
+    command += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: _health(url) == 200, timeout=180, process=process, log=log)
+        body = {"model": "sluicegate-demo", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+        joined = "".join(log)
+        assert "joined through torchrun's environment" in joined and "worker rank 1 of 2 ready" in joined
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # torchrun stops every rank it started
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
