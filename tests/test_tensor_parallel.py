@@ -49,6 +49,8 @@ ENGINE = {
 }
 ARCHS = ["qwen3", "llama", "qwen2", "mistral"]
 ASYNC_MODES = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+# Scheduling, caching, detokenizing and grammars do not depend on the architecture: one model covers them.
+ONE_MODEL = pytest.mark.parametrize("engines", ["qwen3"], indirect=True)
 
 
 def _prompts(count: int, lengths: range, seed: int) -> list[list[int]]:
@@ -98,10 +100,9 @@ def test_greedy_and_seeded_outputs_equal_a_single_process(engines, async_schedul
 
 
 @ASYNC_MODES
+@ONE_MODEL
 def test_preemption_chunked_prefill_and_n_samples_give_the_same_tokens(engines, async_scheduling):
-    arch, single, sharded = engines
-    if arch != "qwen3":
-        pytest.skip("the scheduling paths do not depend on the architecture; one model covers them")
+    _, single, sharded = engines
     # 8 sequences of up to 100 prompt tokens plus 24 new ones need more than the pool's 24 blocks
     # (preemption), and prompts over 64 tokens take several steps (chunked prefill).
     prompts = _prompts(4, range(60, 100), seed=1)
@@ -114,10 +115,9 @@ def test_preemption_chunked_prefill_and_n_samples_give_the_same_tokens(engines, 
 
 
 @ASYNC_MODES
+@ONE_MODEL
 def test_prefix_cache_hits_and_stop_strings_give_the_same_output(engines, async_scheduling):
-    arch, single, sharded = engines
-    if arch != "qwen3":
-        pytest.skip("one model covers the prefix cache and the detokenizer")
+    _, single, sharded = engines
     shared = _prompts(1, range(48, 49), seed=2)[0]
     prompts = [shared + tail for tail in _prompts(3, range(3, 9), seed=3)]
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -135,12 +135,11 @@ def test_prefix_cache_hits_and_stop_strings_give_the_same_output(engines, async_
 
 @pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
 @ASYNC_MODES
+@ONE_MODEL
 def test_grammar_constrained_outputs_are_equal(engines, async_scheduling):
     from engine.structured_outputs import StructuredOutputsParams
 
-    arch, single, sharded = engines
-    if arch != "qwen3":
-        pytest.skip("one model covers grammars")
+    _, single, sharded = engines
     constraint = StructuredOutputsParams(json=SCHEMAS["enum"])
     params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=constraint)]
     params += [SamplingParams(temperature=1.0, seed=3, max_tokens=40, structured_outputs=constraint)]
@@ -230,6 +229,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sluice_serve_tp2_serves_the_demo_model_and_a_dead_worker_turns_health_503():
     openai = pytest.importorskip("openai")
     port = _free_port()
@@ -283,6 +283,7 @@ def _wait_until(condition, timeout: float, process: subprocess.Popen, log: list[
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
     """The several-node launch, on one node: torchrun starts both ranks; rank 0 serves."""
     port, master_port = _free_port(), _free_port()
@@ -290,6 +291,7 @@ def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
     command += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
     command += ["-m", "api", "serve", "-tp", "2", "--device", "cpu", "--port", str(port)]
     command += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
+    command += ["--no-engine-process"]  # rank 0's engine in the server's process: one process less to start
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
@@ -301,6 +303,7 @@ def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
         joined = "".join(log)
         assert "joined through torchrun's environment" in joined and "worker rank 1 of 2 ready" in joined
+        assert "started (pid" not in joined  # torchrun started the worker, not the engine
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # torchrun stops every rank it started
         try:
