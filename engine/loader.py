@@ -183,9 +183,16 @@ def _sharded_model(
         torch.manual_seed(config.seed)
         hf_config._attn_implementation = hf_integration.ATTN_IMPLEMENTATION
         model_class = AutoModelForCausalLM._model_mapping[type(hf_config)]
-        return model_class.from_pretrained(
-            None, config=hf_config, state_dict={}, dtype=dtype, distributed_config=distributed
-        )
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report would list every weight as missing, by design
+        try:
+            return model_class.from_pretrained(
+                None, config=hf_config, state_dict={}, dtype=dtype, distributed_config=distributed
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
     return AutoModelForCausalLM.from_pretrained(
         model_path,
         dtype=dtype,

@@ -311,3 +311,12 @@ def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_the_throughput_benchmark_runs_only_the_engine_when_sharded():
+    from benchmarks.throughput import parse_args
+    from benchmarks.workload import dummy_engine_config
+
+    args = parse_args(["--preset", "cpu-small", "--tensor-parallel-size", "2"])
+    assert args.systems == ["engine"] and args.no_roofline  # the baselines cannot join the workers' collectives
+    assert dummy_engine_config(args, "model-dir").tensor_parallel_size == 2
