@@ -190,7 +190,6 @@ class ModelRunner:
             # Under tensor parallelism every rank captures here, at the same sizes in the same order
             # (the model's all-reduces are inside the graphs), and rank 0 tells the workers which
             # steps replay a graph.
-
             self.graph_runner = DecodeGraphRunner(self, max_batch_size=config.max_num_seqs)
             self.graph_runner.capture()
 
