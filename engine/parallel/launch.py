@@ -166,7 +166,9 @@ class TensorParallelDriver:
         if self._workers.dead is not None:
             raise WorkerDiedError(self._workers.dead)
         if self._workers.stopped:
-            raise WorkerDiedError("the tensor-parallel engine was shut down")
+            raise WorkerDiedError(
+                "this tensor-parallel engine was shut down (by shutdown(), or by a newer one in this process)"
+            )
 
     def shutdown(self) -> None:
         """Stops every worker and leaves the process groups; idempotent."""
