@@ -5,7 +5,7 @@ transformers' per-layer TP wrappers, and whole decode steps at TP=1 and TP=N.
 
 The transport and all-reduce numbers come from two bare gloo processes running the engine's own
 `StepSender`/`StepReceiver`, at the packed sizes of decode steps (4 int64 per row; query starts,
-lengths and a block table of ceil(context / 16) int32 per row). The engine numbers run the demo
+lengths and a block table of ceil(context / 16) int32 per row, all in one int32 tensor). The engine numbers run the demo
 model (random weights) with dummy prompts. NCCL cannot be measured on a one-GPU machine.
 """
 
@@ -28,9 +28,10 @@ ALL_REDUCE_ROWS = [1, 32, 256]
 BLOCK_SIZE = 16
 
 
-def packed_sizes(rows: int, context: int) -> tuple[int, int]:
-    """(int64 count, int32 count) of a decode step's packed inputs (see ModelRunner.prepare)."""
-    return 4 * rows, (rows + 1) + rows + rows * -(-context // BLOCK_SIZE)
+def packed_size(rows: int, context: int) -> int:
+    """int32 count of a decode step's packed inputs (see model_runner.unpack_step): 4 int64 per row,
+    then query starts, lengths and block tables."""
+    return 2 * 4 * rows + (rows + 1) + rows + rows * -(-context // BLOCK_SIZE)
 
 
 def _median_us(samples: list[float]) -> float:
@@ -46,20 +47,19 @@ def _microbench(rank: int, world_size: int, port: int, hidden: int, iterations: 
     group = init_group(rank, world_size, rank, "cpu")
     results: dict[str, Any] = {"transport_us": {}, "all_reduce_us": {}}
     for rows, context in TRANSPORT_CASES:
-        num_longs, num_ints = packed_sizes(rows, context)
-        longs, ints = torch.zeros(num_longs, dtype=torch.int64), torch.zeros(num_ints, dtype=torch.int32)
+        packed = torch.zeros(packed_size(rows, context), dtype=torch.int32)
         samples = []
         for _ in range(iterations):
             dist.barrier()
             start = time.perf_counter()
             if rank == 0:
-                StepSender(group).send([rows, 0, rows, 0, 1, context, 0], longs, ints)
+                StepSender(group).send([rows, rows, 0, rows, 0, 1, context, 0], packed)
             else:
                 StepReceiver(group).receive()
             samples.append(time.perf_counter() - start)
         results["transport_us"][f"{rows}x{context}"] = {
             "us": _median_us(samples),
-            "bytes": 8 * num_longs + 4 * num_ints,
+            "bytes": 4 * packed.numel(),
         }
     for rows in ALL_REDUCE_ROWS:
         tensor = torch.randn(rows, hidden)

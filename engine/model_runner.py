@@ -78,11 +78,12 @@ class LaunchedForward:
 
 @dataclass
 class StepLayout:
-    """The sizes of a step's two packed input tensors: all a tensor-parallel worker needs, besides
-    the tensors themselves, to rebuild the step (`unpack_step`)."""
+    """The sizes of the parts of a step's packed inputs: all a tensor-parallel worker needs, besides
+    the packed tensor itself, to rebuild the step (`unpack_step`)."""
 
     num_tokens: int
     num_sampled: int
+    num_inflight: int  # decode rows whose input id is copied on the device from the last step's tokens
     num_seqs: int
     max_blocks: int
     max_query_len: int
@@ -105,20 +106,25 @@ class StepInputs:
     sampled_requests: list[Request]
     is_decode_only: bool
     layout: StepLayout
-    # The step's inputs as packed on the device (input ids, positions, slots, logits indices as
-    # int64; query starts, sequence lengths, block tables as int32): what a TP worker receives.
-    packed: tuple[torch.Tensor, torch.Tensor]
+    # The step's inputs as one int32 tensor on the device, what a TP worker receives (`unpack_step`).
+    packed: torch.Tensor
 
 
 def unpack_step(
-    longs: torch.Tensor, ints: torch.Tensor, layout: StepLayout, with_host_lists: bool
-) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-    """(input_ids, positions, metadata, logits_indices) as views of the packed tensors.
+    packed: torch.Tensor, layout: StepLayout, with_host_lists: bool
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """(input_ids, positions, metadata, logits_indices, inflight) as views of the packed tensor.
+
+    Layout: int64 parts reinterpreted as int32 pairs (input ids, positions, slot mapping, logits
+    indices, then the in-flight rows' positions and source rows), then the int32 parts (query
+    starts, sequence lengths, block tables). One tensor: one host-to-device copy, one broadcast.
     `with_host_lists` copies query starts and sequence lengths to the host (the torch reference
     attention loops over them), which syncs on a GPU."""
     num_tokens, num_seqs = layout.num_tokens, layout.num_seqs
-    input_ids, positions, slots, logits_indices = longs[: 3 * num_tokens + layout.num_sampled].split(
-        [num_tokens, num_tokens, num_tokens, layout.num_sampled]
+    num_longs = 3 * num_tokens + layout.num_sampled + 2 * layout.num_inflight
+    longs, ints = packed[: 2 * num_longs].view(torch.int64), packed[2 * num_longs :]
+    input_ids, positions, slots, logits_indices, inflight = longs.split(
+        [num_tokens, num_tokens, num_tokens, layout.num_sampled, 2 * layout.num_inflight]
     )
     query_start_loc, seq_lens, block_tables = ints.split([num_seqs + 1, num_seqs, num_seqs * layout.max_blocks])
     metadata = AttentionMetadata(
@@ -131,7 +137,7 @@ def unpack_step(
         query_start_loc_host=query_start_loc.tolist() if with_host_lists else None,
         seq_lens_host=seq_lens.tolist() if with_host_lists else None,
     )
-    return input_ids, positions, metadata, logits_indices
+    return input_ids, positions, metadata, logits_indices, inflight
 
 
 class ModelRunner:
@@ -276,7 +282,7 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """The step's tensors, built with numpy on the host and sent in two copies (one per dtype).
+        """The step's tensors, built with numpy on the host and sent in one copy (`unpack_step`).
 
         This runs every step while the GPU waits, so it avoids per-element Python work where it can.
         """
@@ -327,6 +333,7 @@ class ModelRunner:
         layout = StepLayout(
             num_tokens=num_tokens,
             num_sampled=len(sampled),
+            num_inflight=num_inflight,
             num_seqs=num_seqs,
             max_blocks=max_blocks,
             max_query_len=int(num_new.max()),
@@ -342,11 +349,9 @@ class ModelRunner:
             ]
         )
         ints = np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()])
-        longs = host_to_device(torch.from_numpy(longs), self.device)
-        ints = host_to_device(torch.from_numpy(ints), self.device)
-        step_longs, inflight_d = longs.split([3 * num_tokens + len(sampled), 2 * num_inflight])
-        input_ids, positions_d, metadata, logits_d = unpack_step(step_longs, ints, layout, with_host_lists=False)
-        if num_inflight:
+        packed = host_to_device(torch.from_numpy(np.concatenate([longs.view(np.int32), ints])), self.device)
+        input_ids, positions_d, metadata, logits_d, inflight_d = unpack_step(packed, layout, with_host_lists=False)
+        if num_inflight:  # written before any reader: the forward, and a TP broadcast of `packed`
             input_ids.index_copy_(
                 0, inflight_d[:num_inflight], self._last_sampled.index_select(0, inflight_d[num_inflight:])
             )
@@ -361,7 +366,7 @@ class ModelRunner:
             # Every row decodes one token and is sampled: the shape a captured CUDA graph expects.
             is_decode_only=num_tokens == num_seqs == len(sampled),
             layout=layout,
-            packed=(step_longs, ints),
+            packed=packed,
         )
 
     @torch.inference_mode()
@@ -396,7 +401,7 @@ class ModelRunner:
         inputs = self.prepare(batch)
         use_graph = inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch))
         if self.step_sender is not None:  # the workers run this same forward on their shards
-            self.step_sender.send([*inputs.layout.to_fields(), int(use_graph)], *inputs.packed)
+            self.step_sender.send([*inputs.layout.to_fields(), int(use_graph)], inputs.packed)
         if use_graph:
             logits = self.graph_runner.run(inputs)
         else:

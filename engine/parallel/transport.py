@@ -1,7 +1,7 @@
-"""One step's inputs, from rank 0 to every worker: a small header, then the step's two tensors.
+"""One step's inputs, from rank 0 to every worker: a small header, then the step's packed tensor.
 
-The tensors are the ones rank 0's step preparation already built on its device (one int64, one
-int32; see `ModelRunner.prepare`), broadcast as they are: with NCCL the broadcast is queued on the
+The tensor is the one rank 0's step preparation already built on its device (int32; see
+`ModelRunner.prepare` and `unpack_step`), broadcast as it is: with NCCL the broadcast is queued on the
 device behind the copy that filled them, so decode rows whose input token is still in flight (async
 scheduling writes it on the device) need no host round trip, and rank 0's host never waits. Only
 the header, a few integers the host already knows, crosses on the host (the gloo control group).
@@ -21,7 +21,7 @@ from engine.parallel.group import ParallelGroup
 
 _STEP, _STOP = 1, 2
 _MAX_FIELDS = 8  # the caller's header fields (the step's sizes and flags)
-_HEADER_LEN = 3 + _MAX_FIELDS  # kind, numel of each tensor, fields
+_HEADER_LEN = 2 + _MAX_FIELDS  # kind, numel of the tensor, fields
 
 
 class StepSender:
@@ -30,13 +30,12 @@ class StepSender:
     def __init__(self, group: ParallelGroup) -> None:
         self.group = group
 
-    def send(self, fields: Sequence[int], longs: torch.Tensor, ints: torch.Tensor) -> None:
-        assert len(fields) <= _MAX_FIELDS and longs.dtype == torch.int64 and ints.dtype == torch.int32
-        header = [_STEP, longs.numel(), ints.numel(), *fields]
+    def send(self, fields: Sequence[int], packed: torch.Tensor) -> None:
+        assert len(fields) <= _MAX_FIELDS and packed.dtype == torch.int32 and packed.is_contiguous()
+        header = [_STEP, packed.numel(), *fields]
         header += [0] * (_HEADER_LEN - len(header))
         dist.broadcast(torch.tensor(header, dtype=torch.int64), 0, group=self.group.control)
-        dist.broadcast(longs.contiguous(), 0)
-        dist.broadcast(ints.contiguous(), 0)
+        dist.broadcast(packed, 0)
 
     def stop(self) -> None:
         header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
@@ -51,17 +50,14 @@ class StepReceiver:
         self.group = group
         self._header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
 
-    def receive(self) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
-        """The next step's (fields, longs, ints) on this rank's device; None once rank 0 stops.
+    def receive(self) -> tuple[list[int], torch.Tensor] | None:
+        """The next step's (fields, packed tensor on this rank's device); None once rank 0 stops.
         Waits as long as the engine is idle; raises if rank 0 dies."""
         dist.broadcast(self._header, 0, group=self.group.control)
         header = self._header.tolist()
         if header[0] == _STOP:
             return None
         assert header[0] == _STEP, header
-        num_longs, num_ints = header[1], header[2]
-        longs = torch.empty(num_longs, dtype=torch.int64, device=self.group.device)
-        ints = torch.empty(num_ints, dtype=torch.int32, device=self.group.device)
-        dist.broadcast(longs, 0)
-        dist.broadcast(ints, 0)
-        return header[3:], longs, ints
+        packed = torch.empty(header[1], dtype=torch.int32, device=self.group.device)
+        dist.broadcast(packed, 0)
+        return header[2:], packed

@@ -54,14 +54,13 @@ def serve_steps(config: EngineConfig, group: ParallelGroup) -> None:
     logger.info("Tensor-parallel worker rank %d of %d ready on %s", group.rank, group.world_size, group.device)
     with torch.inference_mode():
         while (step := receiver.receive()) is not None:
-            fields, longs, ints = step
+            fields, packed = step
             layout = StepLayout.from_fields(fields)
             use_graph = bool(fields[num_fields])
-            input_ids, positions, metadata, logits_indices = unpack_step(longs, ints, layout, with_host_lists)
+            # The in-flight rows' ids were filled in on rank 0 before it sent the tensor.
+            input_ids, positions, metadata, logits_indices, _ = unpack_step(packed, layout, with_host_lists)
             if use_graph:
-                inputs = StepInputs(
-                    input_ids, positions, metadata, logits_indices, [], True, layout, packed=(longs, ints)
-                )
+                inputs = StepInputs(input_ids, positions, metadata, logits_indices, [], True, layout, packed)
                 runner.graph_runner.run(inputs)
             else:
                 runner.forward(input_ids, positions, metadata, logits_indices)
