@@ -8,6 +8,7 @@ from typing import Any
 import jinja2
 
 from api.errors import APIError
+from api.input_limits import check_request_tree, too_deep
 from api.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, TextPart, ToolMessage
 
 _NON_TEXT_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
@@ -53,6 +54,11 @@ def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[i
             sanitize_control_tokens=True,
             **template_kwargs,
         )
+    except RecursionError:
+        # Every nested input is depth-checked first (api/input_limits.py); a template that recurses
+        # on its own (a macro calling itself per message) can still get here.
+        message = "The chat template could not format these messages: they nest too deeply."
+        raise APIError(400, message, param="messages") from None
     except (jinja2.TemplateError, ValueError, TypeError) as error:
         # Templates reject what they cannot format (roles out of order, a missing tool id) by
         # raising; that is the request's fault, and the template's own words say what is wrong.
@@ -82,10 +88,13 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
                     # carries JSON text, so parse it, keeping the text when it is not valid JSON.
                     "function": {
                         "name": call.function.name,
-                        "arguments": _parse_arguments(call.function.arguments),
+                        "arguments": _parse_arguments(
+                            ("messages", index, "tool_calls", j, "function", "arguments"),
+                            call.function.arguments,
+                        ),
                     },
                 }
-                for call in message.tool_calls
+                for j, call in enumerate(message.tool_calls)
             ]
     if content is not None:
         result["content"] = content
@@ -117,8 +126,12 @@ def _content_text(param: str, content: str | list[Any] | None) -> str | None:
     return "\n".join(texts)
 
 
-def _parse_arguments(arguments: str) -> Any:
+def _parse_arguments(path: tuple[str | int, ...], arguments: str) -> Any:
     try:
-        return json.loads(arguments)
+        parsed = json.loads(arguments)
+    except RecursionError:  # "[" * 1000: the parser recursed before it could tell whether it is JSON
+        raise too_deep(path) from None
     except ValueError:
         return arguments
+    check_request_tree(parsed, root=path)  # the template renders it, recursively
+    return parsed
