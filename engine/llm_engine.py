@@ -386,6 +386,11 @@ class LLMEngine:
         free = self.kv_cache.num_free_blocks
         return {
             "kv_blocks_total": self.kv_cache.num_blocks,
+            "kv_block_size": self.kv_cache.block_size,
+            "max_num_seqs": self.scheduler.max_num_seqs,
+            # Requests (not sequences: an n=16 request is one) with a sequence in the queue.
+            "num_waiting_requests": len({r.user_request_id for r in list(self.scheduler.waiting)}),
+            "num_requests": len(self.requests),
             "kv_blocks_free": free,
             "kv_blocks_used": self.kv_cache.num_blocks - free,
             "num_running": len(self.scheduler.running),
