@@ -14,6 +14,7 @@ import pytest
 
 from api.app import create_app
 from api.server import BackgroundServer
+from api.tool_parsers import get_tool_parser
 from benchmarks.hostile_inputs import CASES, CHAT, MODEL, HostileCase
 
 API_KEY = "sk-test-hostile"
@@ -200,3 +201,16 @@ def test_the_api_key_guards_v1_and_leaves_health_metrics_and_docs_open(server):
     assert httpx.get(server.url + "/openapi.json").json()["paths"][CHAT]
     for path in ("/v1/models", f"/v1/models/{MODEL}"):
         assert _assert_openai_error(httpx.get(server.url + path))["code"] == "invalid_api_key"
+
+
+# ---- hostile model output -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arguments_key", ["arguments", "parameters"])
+def test_a_tool_call_nested_past_the_recursion_limit_is_not_a_call_and_not_a_crash(arguments_key):
+    # A model can be led to write "[" two thousand times; json.loads then raises RecursionError.
+    deep = "[" * 2000 + "]" * 2000
+    call = f'{{"name": "f", "{arguments_key}": {deep}}}'
+    for name, text in (("hermes", f"<tool_call>\n{call}\n</tool_call>"), ("llama3_json", call)):
+        parsed = get_tool_parser(name).parse(text)
+        assert parsed.calls == [], name
