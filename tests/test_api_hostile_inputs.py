@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from api.app import create_app
+from api.body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
+from api.cli import build_parser, main
 from api.server import BackgroundServer
 from api.tool_parsers import get_tool_parser
 from benchmarks.hostile_inputs import CASES, CHAT, MODEL, HostileCase
@@ -142,6 +144,13 @@ def test_a_body_over_the_limit_is_a_413_and_one_at_the_limit_is_served(small_lim
         streamed = client.post(CHAT, content=chunks(), headers={"Content-Type": "application/json"})
         assert streamed.status_code == 413 and _assert_openai_error(streamed)["code"] == "request_too_large"
         assert client.get("/health").status_code == 200
+
+
+def test_the_body_limit_flag_defaults_to_32_mib_and_refuses_nonsense():
+    assert build_parser().parse_args(["serve"]).max_request_body_bytes == DEFAULT_MAX_REQUEST_BODY_BYTES == 32 << 20
+    assert build_parser().parse_args(["serve", "--max-request-body-bytes", "1000"]).max_request_body_bytes == 1000
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-request-body-bytes", "0"])  # refused before any model loads
 
 
 def test_a_declared_content_length_over_the_limit_is_refused_before_the_body_is_sent(small_limit):
