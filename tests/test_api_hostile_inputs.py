@@ -18,6 +18,7 @@ from api.cli import build_parser, main
 from api.server import BackgroundServer
 from api.tool_parsers import get_tool_parser
 from benchmarks.hostile_inputs import CASES, CHAT, MODEL, HostileCase
+from engine.demo_model import DEMO_MODEL_ID
 
 API_KEY = "sk-test-hostile"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -65,6 +66,7 @@ def _assert_serving_and_idle(http: httpx.Client, server) -> None:
 
 def test_every_hostile_case_is_a_4xx_in_the_openai_shape_and_the_server_keeps_serving(http, server):
     assert len({case.name for case in CASES}) == len(CASES)
+    assert MODEL == DEMO_MODEL_ID  # the cases name the model `sluice serve` serves by default
     for case in CASES:
         _assert_openai_error(_send(http, case))
     _assert_serving_and_idle(http, server)
