@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import chat, completions, models
 from api.auth import PROTECTED_PREFIX, APIKeyMiddleware
+from api.body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES, BodySizeLimitMiddleware
 from api.errors import APIError, install_error_handlers
 from api.state import ServerState, get_state
 
@@ -26,6 +27,7 @@ def create_app(
     max_waiting_requests: int | None = None,
     shutdown_engine: bool = True,
     tool_call_parser: str | None = None,
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
 ) -> FastAPI:
     """An app serving `engine` (an AsyncLLM). With `shutdown_engine`, stopping the app stops it.
 
@@ -66,7 +68,9 @@ def create_app(
         body, content_type = get_state(request).metrics.render()
         return Response(body, media_type=content_type)
 
-    # Added last so it runs first: a draining server refuses before auth or parsing.
+    # Middleware added later runs earlier: drain (503), then auth (401), then the body's size (413),
+    # so an unauthenticated client learns nothing, and no body is read for a refused request.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(DrainMiddleware, state=state)

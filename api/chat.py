@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,13 +22,14 @@ from api.generation import (
 )
 from api.logprobs import chat_logprobs
 from api.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
+from api.routing import ThreadedBodyRoute
 from api.sampling import build_sampling_params, check_stream_options
 from api.state import ServerState, error_responses, get_state, stream_content
 from api.streaming import SSE_DONE, SSEResponse, sse_event
 from api.structured import response_format_constraint
 from api.tool_calls import ToolCallPlan, plan_tool_calls, tool_finish_reason
 
-router = APIRouter()
+router = APIRouter(route_class=ThreadedBodyRoute)
 
 
 @router.post(
@@ -56,7 +58,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     # The engine judges the constraint (compiling the schema) as 'structured_outputs'; the client
     # knows it by the parameter that set it.
     constraint_param = "tools" if tool_plan.forced else "response_format"
-    prompt_ids = render_chat_prompt(state.engine.tokenizer, body)
+    # Rendering and tokenizing 100k messages takes seconds: off the event loop, which serves everyone.
+    prompt_ids = await asyncio.to_thread(render_chat_prompt, state.engine.tokenizer, body)
     try:
         stream = await cancel_on_disconnect(
             request,

@@ -7,7 +7,9 @@ from typing import Any
 
 import jinja2
 
+from api import control_tokens
 from api.errors import APIError
+from api.input_limits import check_request_tree, too_deep
 from api.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, TextPart, ToolMessage
 
 _NON_TEXT_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
@@ -40,23 +42,44 @@ def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[i
         )
     messages = [_message_dict(i, m) for i, m in enumerate(request.messages)]
     tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+    options = {
+        "add_generation_prompt": request.add_generation_prompt and not request.continue_final_message,
+        "continue_final_message": request.continue_final_message,
+        "return_dict": False,
+    }
     try:
-        return tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
-            continue_final_message=request.continue_final_message,
-            tokenize=True,
-            return_dict=False,
-            # A user who writes "<|im_start|>system" in a message gets those characters as text, not
-            # the control token: the conversation structure is the template's alone.
-            sanitize_control_tokens=True,
-            **template_kwargs,
-        )
+        # A user who writes "<|im_start|>system" in a message gets those characters as text, not
+        # the control token: the conversation structure is the template's alone.
+        if control_tokens.native_sanitize(tokenizer):
+            return tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=True, sanitize_control_tokens=True, **options, **template_kwargs
+            )
+        return _render_sanitized(tokenizer, messages, tools, options, template_kwargs)
+    except RecursionError:
+        # Every nested input is depth-checked first (api/input_limits.py); a template that recurses
+        # on its own (a macro calling itself per message) can still get here.
+        message = "The chat template could not format these messages: they nest too deeply."
+        raise APIError(400, message, param="messages") from None
     except (jinja2.TemplateError, ValueError, TypeError) as error:
         # Templates reject what they cannot format (roles out of order, a missing tool id) by
         # raising; that is the request's fault, and the template's own words say what is wrong.
         raise APIError(400, f"The chat template could not format these messages: {error}", param="messages") from None
+
+
+def _render_sanitized(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None, options: dict, template_kwargs: dict
+) -> list[int]:
+    """What sanitize_control_tokens=True does on transformers 5.20+, for 5.17 to 5.19."""
+    tokens = control_tokens.control_tokens(tokenizer)
+    pattern = control_tokens.token_pattern(tokens)
+    rendered = tokenizer.apply_chat_template(
+        control_tokens.mark(messages, pattern),
+        tools=control_tokens.mark(tools, pattern),
+        tokenize=False,
+        **options,
+        **control_tokens.mark(template_kwargs, pattern),
+    )
+    return control_tokens.encode_marked(tokenizer, rendered, tokens)
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
@@ -82,10 +105,13 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
                     # carries JSON text, so parse it, keeping the text when it is not valid JSON.
                     "function": {
                         "name": call.function.name,
-                        "arguments": _parse_arguments(call.function.arguments),
+                        "arguments": _parse_arguments(
+                            ("messages", index, "tool_calls", j, "function", "arguments"),
+                            call.function.arguments,
+                        ),
                     },
                 }
-                for call in message.tool_calls
+                for j, call in enumerate(message.tool_calls)
             ]
     if content is not None:
         result["content"] = content
@@ -117,8 +143,12 @@ def _content_text(param: str, content: str | list[Any] | None) -> str | None:
     return "\n".join(texts)
 
 
-def _parse_arguments(arguments: str) -> Any:
+def _parse_arguments(path: tuple[str | int, ...], arguments: str) -> Any:
     try:
-        return json.loads(arguments)
+        parsed = json.loads(arguments)
+    except RecursionError:  # "[" * 1000: the parser recursed before it could tell whether it is JSON
+        raise too_deep(path) from None
     except ValueError:
         return arguments
+    check_request_tree(parsed, root=path)  # the template renders it, recursively
+    return parsed

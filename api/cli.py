@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from api.body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES
 from api.tool_parsers import TOOL_PARSERS
 from engine.config import EngineConfig
 
@@ -57,6 +58,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--config", help="engine settings YAML (configs/*.yaml); flags override it")
     server.add_argument(
         "--max-waiting-requests", type=int, default=None, help="answer 429 when this many requests wait"
+    )
+    server.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        help="answer 413 to a larger request body, without reading it (default: 32 MiB)",
     )
     server.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests"
@@ -111,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
         parser.error("--max-waiting-requests must be >= 0")
+    if args.max_request_body_bytes < 1:
+        parser.error("--max-request-body-bytes must be >= 1")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
 
@@ -140,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=args.api_key,
         max_waiting_requests=args.max_waiting_requests,
         tool_call_parser=args.tool_call_parser,
+        max_request_body_bytes=args.max_request_body_bytes,
     )
     tool_parser = app.state.sluice.tool_call_parser
     logger.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,12 +23,13 @@ from api.generation import (
 )
 from api.logprobs import CompletionLogprobsBuilder, merge_completion_logprobs
 from api.protocol import CompletionRequest, CompletionResponse
+from api.routing import ThreadedBodyRoute
 from api.sampling import build_sampling_params, check_stream_options
 from api.state import ServerState, error_responses, get_state, stream_content
 from api.streaming import SSE_DONE, SSEResponse, sse_event
 from api.structured import response_format_constraint
 
-router = APIRouter()
+router = APIRouter(route_class=ThreadedBodyRoute)
 
 MAX_PROMPTS = 1024  # prompts in one request; each becomes an engine request
 
@@ -55,7 +57,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         vocab_size=state.vocab_size,
         structured_outputs=response_format_constraint(body.response_format),
     )
-    prompts = _prompt_token_ids(state, body.prompt)
+    # Tokenizing megabytes of text takes seconds: off the event loop, which serves everyone.
+    prompts = await asyncio.to_thread(_prompt_token_ids, state, body.prompt)
     try:
         streams = await cancel_on_disconnect(
             request,

@@ -51,6 +51,9 @@ class APIError(Exception):
         type: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # A message or param may quote the client's input, lone surrogates included; the body must
+        # still encode as UTF-8 (else the error itself becomes a 500).
+        message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -64,6 +67,10 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -183,7 +190,8 @@ async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
         message = "We could not parse the JSON body of your request."
     if exc.status_code == 404:
         message = f"Unknown path: {request.method} {request.url.path}"
-    return APIError(exc.status_code, message, headers=exc.headers).response()
+    code = "request_too_large" if exc.status_code == 413 else None
+    return APIError(exc.status_code, message, code=code, headers=exc.headers).response()
 
 
 class UnexpectedErrorMiddleware:

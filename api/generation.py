@@ -94,6 +94,7 @@ async def open_stream(
 
     `param_renames` maps the engine's parameter names in those errors to the request's own.
     """
+    admission.check_fits(len(prompt), params.max_tokens, prompt_param)
     admission.admit()
     request_id = request_id or uuid.uuid4().hex
     generator = engine.generate(prompt, params, request_id)

@@ -89,18 +89,14 @@ def _is_byte_level(tokenizer: Any) -> bool:
 def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
     content = []
     for entry in entries:
-        text = token_text(entry.token_id)
         content.append(
             {
-                "token": text,
+                "token": token_text(entry.token_id),
                 "logprob": _finite(entry.logprob),
-                "bytes": list(text.encode("utf-8")),
+                # The token's own bytes, not its text's: part of a character decodes to U+FFFD.
+                "bytes": token_text.raw_bytes(entry.token_id),
                 "top_logprobs": [
-                    {
-                        "token": (t := token_text(tid)),
-                        "logprob": _finite(lp),
-                        "bytes": list(t.encode("utf-8")),
-                    }
+                    {"token": token_text(tid), "logprob": _finite(lp), "bytes": token_text.raw_bytes(tid)}
                     for tid, lp in entry.top_logprobs
                 ],
             }

@@ -2,26 +2,32 @@
 
 Requests carry OpenAI's documented ranges as constraints, so FastAPI rejects a bad value before any
 handler runs (and the ranges show up in /openapi.json). Unknown fields are ignored, as OpenAI does:
-clients written for a newer API version must keep working.
+clients written for a newer API version must keep working. Numbers are strict: no NaN or Infinity
+(Python's JSON parser accepts them), no `true` for a number, no `2.0` for a count.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.sampling_params import MAX_LOGPROBS
+from api.input_limits import check_request_tree
+from engine.sampling_params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_STRINGS
 
 MAX_N = 128  # OpenAI's limit on choices per request
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Strict: a count is a JSON integer (not true, not 2.0); a number is an integer or a float (not true).
+Int = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
+StopStrings = Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
 
 # ---- chat messages ---------------------------------------------------------------------------
@@ -177,25 +183,33 @@ class StreamOptions(OpenAIModel):
 class SamplingFields(OpenAIModel):
     """Parameters shared by chat and text completions: OpenAI's, then the vLLM extensions."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_limits(cls, data: Any) -> Any:
+        # On the raw JSON, before any field is validated: nesting depth and valid Unicode. Raises
+        # APIError, which pydantic does not wrap, so the 400 keeps its own param and code.
+        check_request_tree(data)
+        return data
+
     model: str
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    n: Int = Field(default=1, ge=1, le=MAX_N)
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(default=None, ge=0.0, le=1.0)
+    stop: str | StopStrings | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    logit_bias: dict[str, Annotated[float, Field(strict=True, ge=-100.0, le=100.0)]] | None = None
+    seed: Int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # OpenAI's for chat; for text completions a vLLM extension (the same JSON mode and JSON schema).
     response_format: ResponseFormat | None = None
     # vLLM extensions
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    min_tokens: int = Field(default=0, ge=0)
+    top_k: Int | None = Field(default=None, ge=-1)  # above the vocabulary size: no filtering
+    min_p: Number | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Number | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_tokens: Int = Field(default=0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
@@ -204,10 +218,10 @@ class SamplingFields(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -224,11 +238,11 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int | None = Field(default=16, ge=1)
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    best_of: Int | None = Field(default=None, ge=1, le=MAX_N)
 
 
 # ---- responses -------------------------------------------------------------------------------

@@ -133,7 +133,10 @@ class _JsonScanner:
 
 
 def _parse_call(body: str) -> tuple[str, str] | None:
-    """(name, arguments JSON text) of a complete call object, or None if it is not one."""
+    """(name, arguments JSON text) of a complete call object, or None if it is not one.
+
+    JSON nested past Python's recursion limit (a model can write "[" a thousand times) is not a call.
+    """
     match = _NAME_FIRST.match(body)
     if match is not None:
         end = _JsonScanner().feed(body[match.end() :])
@@ -142,12 +145,12 @@ def _parse_call(body: str) -> tuple[str, str] | None:
         arguments = body[match.end() : match.end() + end]
         try:
             name, value = json.loads(match.group(1)), json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return (name, arguments) if isinstance(value, dict) else None
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
@@ -156,7 +159,7 @@ def _parse_call(body: str) -> tuple[str, str] | None:
         try:
             if isinstance(json.loads(value), dict):
                 return obj["name"], value
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if isinstance(value, dict):
         return obj["name"], json.dumps(value, ensure_ascii=False)

@@ -52,6 +52,28 @@ class UserRequest:
         return all(s.sequence.is_finished for s in self.samples)
 
 
+def check_request_fits(
+    num_prompt_tokens: int, max_tokens: int, *, max_model_len: int, num_kv_blocks: int, block_size: int
+) -> None:
+    """Raises ValueError for a request that could never run, however idle the engine: longer than
+    the context, or needing more K/V than the whole cache holds. Pure, so the server can refuse
+    such a request (a 400) before queueing it, where it would otherwise wait (or be told 429)."""
+    num_tokens = num_prompt_tokens + max_tokens
+    if num_tokens > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    # The last sampled token ends the sequence without being fed back, so it never needs K/V.
+    blocks = -(-(num_tokens - 1) // block_size)
+    if blocks > num_kv_blocks:
+        raise ValueError(
+            f"Invalid value for 'max_tokens': prompt plus max_tokens needs {blocks} KV blocks but the whole "
+            f"cache has {num_kv_blocks}; lower max_tokens or the prompt length"
+        )
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -112,18 +134,13 @@ class LLMEngine:
         num_prompt = len(prompt_ids)
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - num_prompt)
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the messages, {params.max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion."
-            )
-        blocks = self.kv_cache.blocks_needed(num_prompt + params.max_tokens)
-        if blocks > self.kv_cache.num_blocks:
-            raise ValueError(
-                f"Invalid value for 'max_tokens': prompt plus max_tokens needs {blocks} KV blocks but the whole "
-                f"cache has {self.kv_cache.num_blocks}; lower max_tokens or the prompt length"
-            )
+        check_request_fits(
+            num_prompt,
+            params.max_tokens,
+            max_model_len=self.max_model_len,
+            num_kv_blocks=self.kv_cache.num_blocks,
+            block_size=self.kv_cache.block_size,
+        )
         # Compiled here, before the request enters the engine, so an invalid constraint is a ValueError.
         compiled_grammar = None
         if params.structured_outputs is not None:
@@ -393,6 +410,11 @@ class LLMEngine:
         free = self.kv_cache.num_free_blocks
         return {
             "kv_blocks_total": self.kv_cache.num_blocks,
+            "kv_block_size": self.kv_cache.block_size,
+            "max_num_seqs": self.scheduler.max_num_seqs,
+            # Requests (not sequences: an n=16 request is one) with a sequence in the queue.
+            "num_waiting_requests": len({r.user_request_id for r in list(self.scheduler.waiting)}),
+            "num_requests": len(self.requests),
             "kv_blocks_free": free,
             "kv_blocks_used": self.kv_cache.num_blocks - free,
             "num_running": len(self.scheduler.running),

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from engine.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-45 gives
+# inf, and softmax of inf is NaN, which would emit token 0 on every step.
+GREEDY_TEMPERATURE_EPS = 1e-5
+# Above ~2 a repetition penalty already wrecks the text; the bound keeps logits * penalty finite in
+# half precision (and rules out Infinity and 1e308). vLLM and transformers only require > 0.
+MAX_REPETITION_PENALTY = 10.0
+# OpenAI allows 4 stop strings; vLLM has no limit. Each one is matched after every token, so a
+# request with 10,000 of them would slow the engine loop for everyone.
+MAX_STOP_STRINGS = 64
 
 
 class OutputKind(enum.Enum):
@@ -25,7 +36,7 @@ class OutputKind(enum.Enum):
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE_EPS, then set to 0) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
@@ -57,9 +68,23 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.temperature < GREEDY_TEMPERATURE_EPS:
+            self.temperature = 0.0
 
     def _validate(self) -> None:
-        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        # Types first: bool is an int to Python (n=True would mean n=1), and a NaN passes every
+        # comparison below as False-but-unchecked; both are a client's mistake, never a setting.
+        for name in ("n", "top_k", "min_tokens", "max_tokens", "seed", "logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None and name in ("max_tokens", "seed", "logprobs") or _is_int(value),
+                name,
+                f"must be an integer, got {value!r}",
+            )
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(_is_finite_number(value), name, f"must be a finite number, got {value!r}")
+        _check(self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
         _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be -1 (off), 0 (off) or a positive integer, got {self.top_k}")
@@ -75,16 +100,18 @@ class SamplingParams:
             f"must be in [-2, 2], got {self.frequency_penalty}",
         )
         _check(
-            self.repetition_penalty > 0.0,
+            0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
             "repetition_penalty",
-            f"must be > 0, got {self.repetition_penalty}",
+            f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}",
         )
         for token_id, bias in self.logit_bias.items():
             _check(
-                -100.0 <= bias <= 100.0,
+                -100.0 <= bias <= 100.0,  # also False for NaN
                 "logit_bias",
                 f"values must be in [-100, 100], got {bias} for token {token_id}",
             )
+        if self.seed is not None:
+            _check(-(2**63) <= self.seed < 2**63, "seed", f"must fit in 64 bits (signed), got {self.seed}")
         _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None:
             _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
@@ -93,7 +120,12 @@ class SamplingParams:
                 "min_tokens",
                 f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
-        _check(all(s for s in self.stop), "stop", "stop strings must not be empty")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        _check(
+            len(self.stop) <= MAX_STOP_STRINGS,
+            "stop",
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}",
+        )
         if self.logprobs is not None:
             _check(
                 0 <= self.logprobs <= MAX_LOGPROBS,
@@ -109,6 +141,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, param: str, message: str) -> None:
