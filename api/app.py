@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import chat, completions, models
+from api import chat, completions, models, vllm_routes
 from api.auth import PROTECTED_PREFIX, APIKeyMiddleware
 from api.errors import APIError, install_error_handlers
+from api.options import ServerOptions
 from api.state import ServerState, get_state
 
 logger = logging.getLogger(__name__)
@@ -26,12 +28,17 @@ def create_app(
     max_waiting_requests: int | None = None,
     shutdown_engine: bool = True,
     tool_call_parser: str | None = None,
+    options: ServerOptions | None = None,
 ) -> FastAPI:
     """An app serving `engine` (an AsyncLLM). With `shutdown_engine`, stopping the app stops it.
 
-    `tool_call_parser` names the tool-call format of tool_choice "auto" (default: the chat template's).
+    `tool_call_parser` names the tool-call format of tool_choice "auto" (default: the chat template's);
+    `options` holds the settings vLLM users pass (served-name aliases, chat template, CORS, ...).
     """
-    state = ServerState(engine, max_waiting_requests=max_waiting_requests, tool_call_parser=tool_call_parser)
+    options = options or ServerOptions()
+    state = ServerState(
+        engine, max_waiting_requests=max_waiting_requests, tool_call_parser=tool_call_parser, options=options
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,12 +49,18 @@ def create_app(
         if shutdown_engine:
             await engine.shutdown()
 
-    app = FastAPI(title="sluicegate", summary="OpenAI-compatible LLM inference server", lifespan=lifespan)
+    app = FastAPI(
+        title="sluicegate",
+        summary="OpenAI-compatible LLM inference server",
+        lifespan=lifespan,
+        root_path=options.root_path,
+    )
     app.state.sluice = state
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
+    app.include_router(vllm_routes.router)
 
     @app.get(
         "/health",
@@ -70,6 +83,15 @@ def create_app(
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(DrainMiddleware, state=state)
+    # Outermost: a browser's preflight is answered before auth (it carries no key), and every answer,
+    # errors included, carries the CORS headers the browser needs to read it.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(options.allowed_origins),
+        allow_methods=list(options.allowed_methods),
+        allow_headers=list(options.allowed_headers),
+        allow_credentials=options.allow_credentials,
+    )
     return app
 
 

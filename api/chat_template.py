@@ -8,7 +8,14 @@ from typing import Any
 import jinja2
 
 from api.errors import APIError
-from api.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, TextPart, ToolMessage
+from api.protocol import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    ChatMessage,
+    TextPart,
+    TokenizeChatRequest,
+    ToolMessage,
+)
 
 _NON_TEXT_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
 # chat_template_kwargs reach the template as variables; these names would instead change how
@@ -22,9 +29,19 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 )  # fmt: skip
 
 
-def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the conversation, ready for the engine; a 400 APIError for what cannot render."""
-    if getattr(tokenizer, "chat_template", None) is None:
+def render_chat_prompt(
+    tokenizer: Any,
+    request: ChatCompletionRequest | TokenizeChatRequest,
+    chat_template: str | None = None,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """Token ids of the conversation, ready for the engine; a 400 APIError for what cannot render.
+
+    The template is the request's own `chat_template`, else `chat_template` (the server's), else the
+    tokenizer's. `add_special_tokens` adds the tokenizer's BOS and the like on top of the template's.
+    """
+    chat_template = request.chat_template or chat_template or getattr(tokenizer, "chat_template", None)
+    if chat_template is None:
         raise APIError(
             400,
             "This model has no chat template, so it cannot serve /v1/chat/completions; use /v1/completions.",
@@ -41,11 +58,12 @@ def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[i
     messages = [_message_dict(i, m) for i, m in enumerate(request.messages)]
     tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
     try:
-        return tokenizer.apply_chat_template(
+        ids = tokenizer.apply_chat_template(
             messages,
             tools=tools,
             add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
             continue_final_message=request.continue_final_message,
+            chat_template=chat_template,
             tokenize=True,
             return_dict=False,
             # A user who writes "<|im_start|>system" in a message gets those characters as text, not
@@ -53,10 +71,20 @@ def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[i
             sanitize_control_tokens=True,
             **template_kwargs,
         )
+    except jinja2.TemplateSyntaxError as error:
+        param = "chat_template" if request.chat_template else "messages"
+        raise APIError(400, f"The chat template is not valid Jinja: {error}", param=param) from None
     except (jinja2.TemplateError, ValueError, TypeError) as error:
         # Templates reject what they cannot format (roles out of order, a missing tool id) by
         # raising; that is the request's fault, and the template's own words say what is wrong.
         raise APIError(400, f"The chat template could not format these messages: {error}", param="messages") from None
+    if add_special_tokens:
+        # apply_chat_template tokenizes without them (the template writes its own); these are what the
+        # tokenizer puts before any text (a BOS, for Llama-style tokenizers).
+        prefix = tokenizer.encode("", add_special_tokens=True)
+        if ids[: len(prefix)] != prefix:
+            ids = prefix + ids
+    return ids
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:

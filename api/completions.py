@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,11 +23,12 @@ from api.generation import (
 )
 from api.logprobs import CompletionLogprobsBuilder, merge_completion_logprobs
 from api.protocol import CompletionRequest, CompletionResponse
-from api.sampling import build_sampling_params, check_stream_options
-from api.state import ServerState, error_responses, get_state, stream_content
+from api.sampling import build_sampling_params, check_max_logprobs, check_stream_options, truncate_prompt
+from api.state import ServerState, error_responses, get_state, stream_content, usage_body
 from api.streaming import SSE_DONE, SSEResponse, sse_event
-from api.structured import response_format_constraint
+from api.structured import request_constraint
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 MAX_PROMPTS = 1024  # prompts in one request; each becomes an engine request
@@ -48,14 +50,20 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise not_supported("best_of", "'best_of' different from 'n'")
     if body.echo and body.logprobs is not None:
         raise not_supported("logprobs", "'logprobs' together with 'echo' (prompt logprobs)")
+    check_max_logprobs("logprobs", body.logprobs, state.options.max_logprobs)
+    constraint, constraint_param = request_constraint(body)
     params = build_sampling_params(
         body,
         max_tokens=body.max_tokens,
         logprobs=body.logprobs,
         vocab_size=state.vocab_size,
-        structured_outputs=response_format_constraint(body.response_format),
+        structured_outputs=constraint,
+        tokenizer=state.engine.tokenizer,
     )
-    prompts = _prompt_token_ids(state, body.prompt)
+    truncate = body.truncate_prompt_tokens
+    prompts = [truncate_prompt(p, truncate, state.max_model_len) for p in _prompt_token_ids(state, body.prompt)]
+    if state.options.log_requests:
+        logger.info("Received completion request: %s prompts, params: %s", [len(p) for p in prompts], params)
     try:
         streams = await cancel_on_disconnect(
             request,
@@ -67,7 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                 admission=state.admission,
                 arrival_time=arrival_time,
                 prompt_param="prompt",
-                param_renames={"structured_outputs": "response_format"},
+                param_renames={"structured_outputs": constraint_param},
             ),
         )
     except ClientDisconnected:
@@ -130,20 +138,18 @@ class _CompletionRun:
             return prompt[prompt_index]  # type: ignore[return-value]
         return self.state.engine.tokenizer.decode(self.prompts[prompt_index], skip_special_tokens=False)
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, completion_tokens: int) -> dict[str, Any]:
         prompt_tokens = sum(len(p) for p in self.prompts)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        cached_tokens = sum(stream.num_cached_tokens for stream in self.streams)
+        return usage_body(prompt_tokens, completion_tokens, cached_tokens)
 
     def _payload(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
-            "model": self.state.model_name,
+            "model": self.body.model,
+            "system_fingerprint": self.state.system_fingerprint,
             "choices": choices,
         }
 
@@ -214,7 +220,8 @@ class _CompletionRun:
         return CompletionResponse(
             id=self.id,
             created=self.created,
-            model=self.state.model_name,
+            model=self.body.model,
             choices=choices,  # type: ignore[arg-type]
             usage=self._usage(num_completion_tokens),  # type: ignore[arg-type]
+            system_fingerprint=self.state.system_fingerprint,
         )

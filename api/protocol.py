@@ -7,9 +7,11 @@ clients written for a newer API version must keep working.
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -20,8 +22,44 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
+logger = logging.getLogger(__name__)
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _UnknownFieldLog:
+    """Request fields the server ignores, each logged once (at warning level) so an operator sees what
+    clients send that does nothing, without a log line per request."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, request_type: str, names: set[str]) -> None:
+        with self._lock:
+            new = sorted(names - self._seen)
+            self._seen.update(new)
+        for name in new:
+            logger.warning("Ignoring the unknown field %r of %s requests (logged once per name)", name, request_type)
+
+
+UNKNOWN_FIELDS = _UnknownFieldLog()
+
+
+class TopLevelRequest(OpenAIModel):
+    """A request body: unknown fields are ignored, as OpenAI and vLLM do, and logged once per name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = set(data) - known
+            if unknown:
+                UNKNOWN_FIELDS.note(cls.__name__, unknown)
+        return data
 
 
 # ---- chat messages ---------------------------------------------------------------------------
@@ -174,7 +212,17 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
 
-class SamplingFields(OpenAIModel):
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's `structured_outputs`: one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class SamplingFields(TopLevelRequest):
     """Parameters shared by chat and text completions: OpenAI's, then the vLLM extensions."""
 
     model: str
@@ -200,6 +248,15 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    bad_words: list[str] | None = None
+    # vLLM: keep only the last k prompt tokens; -1: the last max_model_len.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    structured_outputs: StructuredOutputsField | None = None
+    # vLLM's older names for the same constraints.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -215,6 +272,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # this request's own Jinja template instead of the server's
+    echo: bool = False  # vLLM: the answer starts with the last message's content
 
 
 class CompletionRequest(SamplingFields):
@@ -234,10 +293,15 @@ class CompletionRequest(SamplingFields):
 # ---- responses -------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -258,6 +322,9 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None  # null when the answer is only tool calls
     tool_calls: list[ToolCall] | None = None
+    # With a reasoning parser: the thinking before the answer (vLLM's older and newer names).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -274,6 +341,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None
 
 
 class DeltaFunctionCall(BaseModel):
@@ -292,6 +360,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -310,6 +380,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -333,6 +404,45 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    system_fingerprint: str | None = None
+
+
+# ---- vLLM's tokenizer routes -----------------------------------------------------------------
+
+
+class TokenizeCompletionRequest(TopLevelRequest):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(TopLevelRequest):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    return_token_strs: bool | None = False
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(TopLevelRequest):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -33,6 +33,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False  # token-id prompts only, no text (benchmarks of dummy models)
+    trust_remote_code: bool = False  # let a hub model run its own Python (modeling, tokenizer)
+    revision: str | None = None  # the model's hub branch, tag or commit (default: main)
 
     def __post_init__(self) -> None:
         _check(

@@ -129,7 +129,9 @@ class LLMEngine:
             if params.seed is not None:
                 sequence.generator = make_generator(params.seed + index, self.device)
             if compiled_grammar is not None:
-                sequence.grammar = grammar_manager.new_sequence_grammar(compiled_grammar)  # one per sample
+                # One per sample; a reasoning model's thinking block comes before the constrained answer.
+                thinking = params.structured_outputs.thinking
+                sequence.grammar = grammar_manager.new_sequence_grammar(compiled_grammar, thinking)
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(
@@ -367,12 +369,16 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         """Counters and gauges; plain reads, safe to call from another thread."""
         free = self.kv_cache.num_free_blocks
+        # Requests (not sequences: an n=16 request is one) with a sample in the running batch; the rest wait.
+        num_running_requests = len({sequence.user_request_id for sequence in list(self.scheduler.running)})
         return {
             "kv_blocks_total": self.kv_cache.num_blocks,
             "kv_blocks_free": free,
             "kv_blocks_used": self.kv_cache.num_blocks - free,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting) + self.num_pending_samples,
+            "num_running_requests": num_running_requests,
+            "num_waiting_requests": max(0, len(self.requests) - num_running_requests),
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,

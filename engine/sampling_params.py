@@ -45,6 +45,9 @@ class SamplingParams:
     output_kind: OutputKind = OutputKind.CUMULATIVE
     # Constrains the output to a JSON schema, any JSON object, a regex, a choice or a grammar.
     structured_outputs: StructuredOutputsParams | None = None
+    # Token sequences the output must never contain (vLLM's bad_words, tokenized): the last token of
+    # each is banned whenever the output ends with the others.
+    bad_words_token_ids: list[list[int]] | None = None
     # Filled by the engine from the tokenizer and generation_config; not a user setting.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
@@ -54,6 +57,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self.bad_words_token_ids = [list(map(int, word)) for word in self.bad_words_token_ids or ()]
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -94,6 +98,7 @@ class SamplingParams:
                 f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
         _check(all(s for s in self.stop), "stop", "stop strings must not be empty")
+        _check(all(self.bad_words_token_ids), "bad_words", "bad words must not be empty")
         if self.logprobs is not None:
             _check(
                 0 <= self.logprobs <= MAX_LOGPROBS,
