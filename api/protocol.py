@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -427,6 +427,18 @@ class TokenizeChatRequest(TopLevelRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
+
+
+def _tokenize_kind(body: Any) -> str:
+    return "chat" if isinstance(body, dict) and "messages" in body else "completion"
+
+
+# A body with `messages` is a chat request, any other a text one (so each is judged, and its unknown
+# fields logged, as the one kind it is).
+TokenizeRequest = Annotated[
+    Annotated[TokenizeChatRequest, Tag("chat")] | Annotated[TokenizeCompletionRequest, Tag("completion")],
+    Discriminator(_tokenize_kind),
+]
 
 
 class TokenizeResponse(BaseModel):

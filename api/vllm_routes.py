@@ -18,7 +18,7 @@ from api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
 )
 from api.state import error_responses, get_state, server_version
@@ -27,7 +27,7 @@ router = APIRouter()
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404))
-async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = get_state(request)
     state.check_model(body.model)
     tokenizer = state.engine.tokenizer
