@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import chat, completions, models, vllm_routes
-from api.auth import PROTECTED_PREFIX, APIKeyMiddleware
+from api.auth import PROTECTED_PREFIX, APIKeyMiddleware, route_path
 from api.errors import APIError, install_error_handlers
 from api.options import ServerOptions
 from api.state import ServerState, get_state
@@ -53,8 +53,11 @@ def create_app(
         title="sluicegate",
         summary="OpenAI-compatible LLM inference server",
         lifespan=lifespan,
-        root_path=options.root_path,
     )
+    # The prefix a proxy strips (--root-path): FastAPI sets it as the ASGI root_path of every request,
+    # so routes still match and /docs and openapi.json name the public URL. (As an attribute: the
+    # constructor's parameter is deprecated.)
+    app.root_path = options.root_path
     app.state.sluice = state
     install_error_handlers(app)
     app.include_router(chat.router)
@@ -106,7 +109,7 @@ class DrainMiddleware:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.state.admission.draining and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and self.state.admission.draining and route_path(scope).startswith(PROTECTED_PREFIX):
             error = APIError(503, "The server is shutting down and accepts no new requests.", code="shutting_down")
             await error.response()(scope, receive, send)
             return

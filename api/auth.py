@@ -11,6 +11,15 @@ from api.errors import APIError
 PROTECTED_PREFIX = "/v1"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes see: without the root_path (--root-path) when the proxy left it in place.
+
+    Checks on the raw path would miss /prefix/v1/... although the router serves it as /v1/...
+    """
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class APIKeyMiddleware:
     """Plain ASGI middleware, so the key is checked before the body is even read or parsed:
     an unauthenticated client learns nothing about what the server would accept."""
@@ -22,7 +31,7 @@ class APIKeyMiddleware:
         self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX) and not self._authorized(scope):
+        if scope["type"] == "http" and route_path(scope).startswith(PROTECTED_PREFIX) and not self._authorized(scope):
             error = APIError(
                 401,
                 "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
