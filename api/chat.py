@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.chat_template import render_chat_prompt
-from api.errors import APIError
+from api.errors import APIError, not_supported
 from api.generation import (
     ClientDisconnected,
     EngineStream,
@@ -21,7 +21,7 @@ from api.generation import (
     now_s,
     open_stream,
 )
-from api.logprobs import chat_logprobs
+from api.logprobs import chat_logprobs, vllm_prompt_logprobs
 from api.protocol import AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from api.reasoning import Phase, ReasoningParser
 from api.sampling import build_sampling_params, check_max_logprobs, check_stream_options, truncate_prompt
@@ -60,6 +60,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.", param="top_logprobs")
     check_max_logprobs("top_logprobs", body.top_logprobs, state.options.max_logprobs)
+    check_max_logprobs("prompt_logprobs", body.prompt_logprobs, state.options.max_logprobs)
+    if body.prompt_logprobs is not None and body.stream:
+        raise not_supported("prompt_logprobs", "'prompt_logprobs' with 'stream'")
     content_constraint, content_param = request_constraint(body)
     tool_plan = await plan_tool_calls(body, state.tool_call_parser, content_constrained=content_constraint is not None)
     # A forced call leaves no room for content, so response_format (which shapes content) is moot then.
@@ -78,6 +81,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         vocab_size=state.vocab_size,
         structured_outputs=constraint,
         tokenizer=state.engine.tokenizer,
+        prompt_logprobs=body.prompt_logprobs,
     )
     # The engine judges the constraint (compiling the schema) as 'structured_outputs'; the client
     # knows it by the parameter that set it.
@@ -222,7 +226,10 @@ async def collect_chat(
     logprobs: list[list[Any] | None] = [None] * n  # None: the request asked for no logprobs
     finish_reasons: list[str | None] = [None] * n
     num_completion_tokens = 0
+    prompt_logprobs = None
     async for output in stream:
+        if output.prompt_logprobs is not None:
+            prompt_logprobs = vllm_prompt_logprobs(output.prompt_logprobs, state.token_text)
         for completion in output.outputs:
             texts[completion.index].append(completion.text)
             num_completion_tokens += len(completion.token_ids)
@@ -260,4 +267,5 @@ async def collect_chat(
         choices=choices,  # type: ignore[arg-type]
         usage=usage_body(len(stream.prompt_token_ids), num_completion_tokens, stream.num_cached_tokens),  # type: ignore[arg-type]
         system_fingerprint=state.system_fingerprint,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -249,6 +249,8 @@ class SamplingFields(TopLevelRequest):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     bad_words: list[str] | None = None
+    # vLLM: the prompt tokens' logprobs, each with this many alternatives, as `prompt_logprobs`.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # vLLM: keep only the last k prompt tokens; -1: the last max_model_len.
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     structured_outputs: StructuredOutputsField | None = None
@@ -283,7 +285,8 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(default=16, ge=1)
+    # 0 with echo: score the prompt only (lm-eval-harness), as vLLM allows.
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -342,6 +345,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, as in CompletionChoice
 
 
 class DeltaFunctionCall(BaseModel):
@@ -395,6 +399,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's shape: per prompt token (null for the first), {token id: {logprob, rank, decoded_token}}.
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -18,6 +18,7 @@ def build_sampling_params(
     vocab_size: int,
     structured_outputs: StructuredOutputsParams | None = None,
     tokenizer: Any = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Raises a 400 APIError naming the parameter for anything the engine would refuse.
 
@@ -46,6 +47,7 @@ def build_sampling_params(
             ignore_eos=request.ignore_eos,
             seed=request.seed,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
             # Deltas: each engine output carries just the new text, which is exactly an SSE chunk.

@@ -12,7 +12,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.loader import load
 from engine.model_runner import LaunchedStep, ModelRunner
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.sampler import make_generator
 from engine.sampling_params import OutputKind, SamplingParams
@@ -46,6 +46,9 @@ class UserRequest:
     params: SamplingParams
     samples: list[_Sample] = field(default_factory=list)
     pending: list[Request] = field(default_factory=list)  # siblings waiting for the prompt's blocks
+    # With params.prompt_logprobs: entry i is the logprob of prompt token i + 1 (engine/prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -236,6 +239,13 @@ class LLMEngine:
         result = launched.result()
         block_size = self.kv_cache.block_size
         touched: dict[str, UserRequest] = {}
+        for sequence, first_position, entries in result.prompt_logprobs or ():
+            user_request = self.requests.get(sequence.user_request_id)
+            if user_request is None or sequence.is_finished:
+                continue
+            known = user_request.prompt_logprobs
+            # A recomputed prompt (after a preemption) gives positions already known: keep the first.
+            known.extend(entries[len(known) - first_position :] if first_position <= len(known) else ())
         logprobs = result.logprobs or [None] * len(result.token_ids)
         for sequence, token_id, token_logprob in zip(result.sampled_requests, result.token_ids, logprobs):
             sequence.num_inflight_tokens -= 1
@@ -353,6 +363,12 @@ class LLMEngine:
             sample.finish_reported = done
             completions.append(completion)
         first = user_request.samples[0].sequence
+        prompt_logprobs = None
+        complete = len(user_request.prompt_logprobs) == len(user_request.prompt_token_ids) - 1
+        if user_request.params.prompt_logprobs is not None and complete:
+            if kind != OutputKind.DELTA or not user_request.prompt_logprobs_sent:
+                prompt_logprobs = [None, *user_request.prompt_logprobs]
+                user_request.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=user_request.request_id,
             prompt=user_request.prompt,
@@ -362,6 +378,7 @@ class LLMEngine:
             num_cached_tokens=first.num_cached_tokens,
             num_generated_tokens=sum(len(s.sequence.output_token_ids) for s in user_request.samples),
             queue_time=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # ---- introspection -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from engine.attention.metadata import AttentionMetadata, ForwardContext, forward
 from engine.config import EngineConfig
 from engine.loader import LoadedModel
 from engine.outputs import TokenLogprob
+from engine.prompt_logprobs import LaunchedPromptLogprobs, PromptLogprobRows, find_prompt_rows
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, SamplingRow, unpack_logprobs
 from engine.sampling_params import SamplingParams
@@ -32,19 +33,30 @@ class StepResult:
     sampled_requests: list[Request]  # the requests that got a new token, in batch order
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None
+    # (request, first prompt position, logprobs of the prompt tokens from there) for requests that ask.
+    prompt_logprobs: list[tuple[Request, int, list[TokenLogprob]]] | None = None
 
 
 class LaunchedStep:
     """A step queued on the device. Its sampled tokens are copied to pinned host memory behind it,
     so reading them (`result`) waits for this step only, not for steps queued after it."""
 
-    def __init__(self, sampled_requests: list[Request], output: SamplerOutput | None = None) -> None:
+    def __init__(
+        self,
+        sampled_requests: list[Request],
+        output: SamplerOutput | None = None,
+        prompt_logprobs: LaunchedPromptLogprobs | None = None,
+    ) -> None:
         self.sampled_requests = sampled_requests
         self._num_logprobs = output.num_logprobs if output is not None else []
         self._host_tokens: torch.Tensor | None = None
         self._host_logprobs: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
+        self._prompt_logprobs = prompt_logprobs
         if output is None:
+            if prompt_logprobs is not None and prompt_logprobs.on_cuda:
+                self._ready = torch.cuda.Event()  # its copy to the host was queued behind the forward
+                self._ready.record()
             return
         if output.token_ids.device.type == "cuda":
             self._host_tokens = to_pinned_host(output.token_ids)
@@ -59,12 +71,13 @@ class LaunchedStep:
     def result(self) -> StepResult:
         if self._ready is not None:
             self._ready.synchronize()
+        prompt_logprobs = self._prompt_logprobs.result() if self._prompt_logprobs is not None else None
         if self._host_tokens is None:
-            return StepResult([], [], None)
+            return StepResult([], [], None, prompt_logprobs)
         logprobs = None
         if self._host_logprobs is not None:
             logprobs = unpack_logprobs(self._host_logprobs.tolist(), self._num_logprobs)
-        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs)
+        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs, prompt_logprobs)
 
 
 @dataclass
@@ -73,6 +86,7 @@ class LaunchedForward:
 
     sampled_requests: list[Request]
     logits: torch.Tensor | None  # [S, V] on the device; None when the step samples nothing
+    prompt_logprobs: LaunchedPromptLogprobs | None = None
 
 
 @dataclass
@@ -83,6 +97,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # [S] rows of the batch whose next token is sampled
     sampled_requests: list[Request]
     is_decode_only: bool
+    prompt_rows: PromptLogprobRows | None = None  # rows whose logits give prompt logprobs
 
 
 class ModelRunner:
@@ -303,6 +318,9 @@ class ModelRunner:
             sampled_requests=sampled,
             # Every row decodes one token and is sampled: the shape a captured CUDA graph expects.
             is_decode_only=num_tokens == num_seqs == len(sampled),
+            prompt_rows=find_prompt_rows(batch.requests, starts.tolist(), ends.tolist(), query_start_loc[:-1].tolist())
+            if any(r.params.prompt_logprobs is not None for r in batch.requests)
+            else None,
         )
 
     @torch.inference_mode()
@@ -314,12 +332,14 @@ class ModelRunner:
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Hidden states of the packed batch, then logits [S, V] of the sampled rows only."""
+        return self.lm_head(self.hidden_states(input_ids, positions, metadata)[logits_indices])
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata):
         context = ForwardContext(metadata=metadata, kv_caches=self.kv_caches, backend=self.backend)
         with forward_context(context):
-            hidden = self.base_model(
+            return self.base_model(
                 input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False
             ).last_hidden_state[0]
-        return self.lm_head(hidden[logits_indices])
 
     @staticmethod
     def sampler_row(request: Request) -> SamplingRow:
@@ -335,6 +355,12 @@ class ModelRunner:
         sampled tokens on the device, so this may run before the host has read them.
         """
         inputs = self.prepare(batch)
+        if inputs.prompt_rows is not None:
+            # The LM head also runs on the prompt rows of requests that asked for prompt logprobs.
+            hidden = self.hidden_states(inputs.input_ids, inputs.positions, inputs.metadata)
+            prompt_logprobs = LaunchedPromptLogprobs(inputs.prompt_rows, hidden, self.lm_head, self.sampler.vocab_size)
+            logits = self.lm_head(hidden[inputs.logits_indices]) if inputs.sampled_requests else None
+            return LaunchedForward(inputs.sampled_requests, logits, prompt_logprobs)
         if not inputs.sampled_requests:
             self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
             return LaunchedForward([], None)
@@ -352,12 +378,12 @@ class ModelRunner:
         the previous step's tokens in between), so penalties, min_tokens and grammars see them all.
         """
         if forward.logits is None:
-            return LaunchedStep([])
+            return LaunchedStep([], prompt_logprobs=forward.prompt_logprobs)
         rows = [self.sampler_row(r) for r in forward.sampled_requests]
         output = self.sampler(forward.logits, rows)
         self._last_sampled = output.token_ids
         self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
-        return LaunchedStep(forward.sampled_requests, output)
+        return LaunchedStep(forward.sampled_requests, output, forward.prompt_logprobs)
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:

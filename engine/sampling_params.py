@@ -40,6 +40,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k: chosen token plus the top k alternatives
+    # Logprobs of the prompt's tokens (each with the top k alternatives); the prompt is then computed,
+    # never read from the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: OutputKind = OutputKind.CUMULATIVE
@@ -104,6 +107,12 @@ class SamplingParams:
                 0 <= self.logprobs <= MAX_LOGPROBS,
                 "logprobs",
                 f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            )
+        if self.prompt_logprobs is not None:
+            _check(
+                0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
+                f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
             )
         _check(
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
