@@ -81,6 +81,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         vocab_size=state.vocab_size,
         structured_outputs=constraint,
         tokenizer=state.engine.tokenizer,
+        defaults=state.options.sampling_defaults,
         prompt_logprobs=body.prompt_logprobs,
     )
     # The engine judges the constraint (compiling the schema) as 'structured_outputs'; the client

@@ -15,6 +15,7 @@ from api.tool_parsers import TOOL_PARSERS
 from api.vllm_flags import (
     DTYPE_ALIASES,
     check_unknown_flags,
+    generation_defaults,
     human_readable_int,
     read_chat_template,
 )
@@ -161,6 +162,12 @@ def add_vllm_server_arguments(server: argparse._ArgumentGroup) -> None:
             help=f'CORS: allowed {kind}, as a JSON list (default ["*"])',
         )
     server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    server.add_argument(
+        "--generation-config",
+        default=None,
+        help="'auto': sampling defaults from the model's generation_config.json (vLLM's default); a directory: "
+        "from that one's; 'vllm' or unset: OpenAI's defaults",
+    )
 
 
 def _json_list(value: str) -> list[str]:
@@ -175,9 +182,16 @@ def _json_list(value: str) -> list[str]:
     return parsed
 
 
-def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
-    """Raises ValueError (a flag's value is wrong) or OSError (a chat template file cannot be read)."""
+def server_options_from_args(args: argparse.Namespace, config: EngineConfig | None = None) -> ServerOptions:
+    """Raises ValueError (a flag's value is wrong) or OSError (a file cannot be read).
+
+    `config` (the engine's) locates the model's generation_config.json for --generation-config auto.
+    """
     names = args.served_model_name or []
+    sampling_defaults = {}
+    if args.generation_config not in (None, "vllm"):
+        model_path = (config.model if config else None) or _demo_model_path()
+        sampling_defaults = generation_defaults(args.generation_config, model_path, config.revision if config else None)
     return ServerOptions(
         served_model_aliases=tuple(names[1:]),
         chat_template=read_chat_template(args.chat_template) if args.chat_template else None,
@@ -189,7 +203,14 @@ def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
         allowed_methods=tuple(args.allowed_methods),
         allowed_headers=tuple(args.allowed_headers),
         allow_credentials=args.allow_credentials,
+        sampling_defaults=sampling_defaults,
     )
+
+
+def _demo_model_path() -> str:
+    from engine.demo_model import demo_model_path
+
+    return str(demo_model_path())
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -222,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
-        options = server_options_from_args(args)
+        options = server_options_from_args(args, config)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     if args.max_waiting_requests is not None and args.max_waiting_requests < 0:

@@ -71,6 +71,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         vocab_size=state.vocab_size,
         structured_outputs=constraint,
         tokenizer=state.engine.tokenizer,
+        defaults=state.options.sampling_defaults,
     )
     truncate = body.truncate_prompt_tokens
     prompts = [truncate_prompt(p, truncate, state.max_model_len) for p in _prompt_token_ids(state, body.prompt)]

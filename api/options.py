@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -28,6 +29,9 @@ class ServerOptions:
     allowed_methods: tuple[str, ...] = ALLOW_ALL
     allowed_headers: tuple[str, ...] = ALLOW_ALL
     allow_credentials: bool = False
+    # Defaults for request fields a request leaves out (temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_tokens), from --generation-config; empty: OpenAI's defaults.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from api.errors import APIError, bad_request_from_value_error
@@ -19,29 +20,37 @@ def build_sampling_params(
     structured_outputs: StructuredOutputsParams | None = None,
     tokenizer: Any = None,
     prompt_logprobs: int | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> SamplingParams:
     """Raises a 400 APIError naming the parameter for anything the engine would refuse.
 
-    `tokenizer` turns `bad_words` into token ids (a request with bad_words needs it).
+    `tokenizer` turns `bad_words` into token ids (a request with bad_words needs it); `defaults` are the
+    server's values for fields the request leaves out (--generation-config), else OpenAI's apply.
     """
-    top_p = 1.0 if request.top_p is None else request.top_p
-    top_k = request.top_k or 0
+    defaults = defaults or {}
+
+    def given(name: str, fallback: Any) -> Any:
+        value = getattr(request, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    top_p = given("top_p", 1.0)
+    top_k = given("top_k", 0) or 0
     if top_p == 0.0:
         # OpenAI accepts top_p = 0: the nucleus shrinks to the single most likely token.
         top_p, top_k = 1.0, 1
     try:
         return SamplingParams(
             n=request.n,
-            temperature=1.0 if request.temperature is None else request.temperature,
+            temperature=given("temperature", 1.0),
             top_p=top_p,
             top_k=top_k,
-            min_p=request.min_p or 0.0,
+            min_p=given("min_p", 0.0),
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            repetition_penalty=given("repetition_penalty", 1.0),
             logit_bias=_logit_bias(request.logit_bias, vocab_size),
             min_tokens=request.min_tokens,
-            max_tokens=max_tokens,
+            max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
             stop=request.stop,
             stop_token_ids=_token_ids("stop_token_ids", request.stop_token_ids, vocab_size),
             ignore_eos=request.ignore_eos,

@@ -7,6 +7,7 @@ import codecs
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # vLLM's --dtype spellings for the dtypes EngineConfig names.
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
@@ -82,3 +83,36 @@ def read_chat_template(value: str) -> str:
             raise OSError(f"--chat-template {value!r} looks like a file path, but it cannot be read: {error}") from None
     # Inline: escapes such as \n in a shell argument mean what they say, as in vLLM.
     return codecs.decode(value, "unicode_escape")
+
+
+# The generation_config.json fields vLLM takes as a request's defaults, and the request field each sets.
+GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(value: str | None, model_path: str, revision: str | None = None) -> dict[str, Any]:
+    """--generation-config: request defaults from a generation_config.json, as vLLM reads them.
+
+    "auto": the model's own; a directory: that one's; None or "vllm": none (OpenAI's defaults). Only
+    fields the file sets (differing from transformers' defaults) count. Raises OSError for a directory
+    without one.
+    """
+    if value is None or value == "vllm":
+        return {}
+    from transformers import GenerationConfig
+
+    source, kwargs = (model_path, {"revision": revision}) if value == "auto" else (value, {})
+    try:
+        config = GenerationConfig.from_pretrained(source, **kwargs)
+    except OSError:
+        if value == "auto":
+            return {}  # a model without one: nothing to take
+        raise OSError(f"--generation-config {value!r}: no generation_config.json there") from None
+    found = config.to_diff_dict()
+    return {ours: found[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if found.get(theirs) is not None}

@@ -73,6 +73,35 @@ def test_server_flags_have_vllms_defaults():
     assert cors.allowed_origins == ("https://a.example",) and cors.allow_credentials
 
 
+def test_generation_config_gives_request_defaults_as_in_vllm(tmp_path):
+    from transformers import GenerationConfig
+
+    from engine.config import EngineConfig
+
+    GenerationConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=99, do_sample=True).save_pretrained(tmp_path)
+    config = EngineConfig(model=str(tmp_path))
+    auto = server_options_from_args(_parse(str(tmp_path), "--generation-config", "auto"), config)
+    assert auto.sampling_defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 99}
+    elsewhere = server_options_from_args(_parse("m", "--generation-config", str(tmp_path)), EngineConfig(model="m"))
+    assert elsewhere.sampling_defaults == auto.sampling_defaults
+    for flags in ([], ["--generation-config", "vllm"]):  # OpenAI's defaults unless asked
+        assert server_options_from_args(_parse(str(tmp_path), *flags), config).sampling_defaults == {}
+    with pytest.raises(OSError, match="no generation_config.json"):
+        server_options_from_args(_parse("m", "--generation-config", str(tmp_path / "none")), config)
+
+
+def test_sampling_defaults_fill_only_what_a_request_leaves_out():
+    from api.protocol import ChatCompletionRequest
+    from api.sampling import build_sampling_params
+
+    defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 99}
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], temperature=0.0)
+    params = build_sampling_params(request, max_tokens=None, logprobs=None, vocab_size=100, defaults=defaults)
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.0, 0.95, 20, 99)
+    plain = build_sampling_params(request, max_tokens=None, logprobs=None, vocab_size=100)
+    assert (plain.top_p, plain.top_k, plain.max_tokens) == (1.0, 0, None)
+
+
 def test_the_chat_template_is_a_file_or_the_template_itself(tmp_path):
     path = tmp_path / "template.jinja"
     path.write_text("{{ messages[0].content }}")
