@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -171,8 +172,6 @@ def add_vllm_server_arguments(server: argparse._ArgumentGroup) -> None:
 
 
 def _json_list(value: str) -> list[str]:
-    import json
-
     try:
         parsed = json.loads(value)
     except ValueError:

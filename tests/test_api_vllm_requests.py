@@ -350,6 +350,10 @@ def test_root_path_and_a_server_chat_template(engine, tokenizer):
         assert client.get("/llm/v1/models").status_code == 401
         assert client.get("/v1/models").status_code == 401
         assert client.get("/llm/v1/models", headers={"Authorization": "Bearer sk-x"}).status_code == 200
+        # vLLM's tokenizer routes are guarded as /v1 is; the probes stay open.
+        assert client.post("/tokenize", json={"prompt": "x"}).status_code == 401
+        assert client.post("/llm/detokenize", json={"tokens": [1]}).status_code == 401
+        assert client.get("/ping").status_code == 200 and client.get("/version").status_code == 200
 
 
 def test_the_tokenizer_fixture_is_the_served_one(engine, model_dir_factory):
