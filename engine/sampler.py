@@ -196,8 +196,9 @@ class Sampler:
         for i, row in enumerate(rows):
             p = row.params
             # A constrained output ends when its grammar is complete: the grammar then allows only
-            # EOS, and banning EOS too would leave no token at all.
-            if len(row.output_token_ids) >= p.min_tokens or row.grammar is not None:
+            # EOS, and banning EOS too would leave no token at all. (Not while it waits for a
+            # reasoning model's thinking to end: that part is free text.)
+            if len(row.output_token_ids) >= p.min_tokens or (row.grammar is not None and row.grammar.masks_next_token):
                 continue
             banned = set(p.stop_token_ids or ())
             if not p.ignore_eos:

@@ -124,6 +124,43 @@ def test_a_parser_needs_its_markers_as_single_tokens():
         get_reasoning_parser("qwen3", build_tokenizer())
 
 
+def test_the_grammar_waits_for_the_end_of_the_thinking(tokenizer):
+    import torch
+
+    from engine.structured_outputs import GrammarManager, StructuredOutputsParams, ThinkingMarkers
+
+    vocab = len(tokenizer)
+    start, end = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+    manager = GrammarManager(tokenizer, vocab_size=vocab, stop_token_ids=[tokenizer.eos_token_id], max_rows=2)
+    compiled = manager.compile(StructuredOutputsParams(choice=["yes"]))
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+
+    def allowed(grammar) -> set[int]:
+        logits = torch.zeros(1, vocab)
+        manager.apply_bitmask(logits, [0], [grammar])
+        return set(torch.nonzero(logits[0] == 0).flatten().tolist())
+
+    unconstrained = manager.new_sequence_grammar(compiled)
+    opening = manager.new_sequence_grammar(compiled, ThinkingMarkers(start, end, thinking=False))
+    assert allowed(opening) == allowed(unconstrained) | {start}  # the answer, or a thinking block
+    assert opening.accept(start) and not opening.is_terminated()
+    assert len(allowed(opening)) == vocab  # thinking: free text
+    for token in tokenizer.encode("any words at all", add_special_tokens=False):
+        assert opening.accept(token)
+    assert opening.accept(end)
+    assert allowed(opening) == allowed(unconstrained) == {yes[0]}
+    for token in yes:
+        assert opening.accept(token)
+    assert opening.accept(tokenizer.eos_token_id) and opening.is_terminated()
+    # Without a thinking block: the first token is the answer's, and the grammar holds from there.
+    direct = manager.new_sequence_grammar(compiled, ThinkingMarkers(start, end, thinking=False))
+    assert direct.accept(yes[0])
+    assert start not in allowed(direct)
+    # A prompt that opened the block: free text from the first token.
+    opened = manager.new_sequence_grammar(compiled, ThinkingMarkers(start, end, thinking=True))
+    assert len(allowed(opened)) == vocab and not opened.is_terminated()
+
+
 # ---- through the server ----------------------------------------------------------------------
 
 
