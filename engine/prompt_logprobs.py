@@ -61,6 +61,23 @@ def find_prompt_rows(requests: list[Request], starts: list[int], ends: list[int]
     return PromptLogprobRows(spans, np.concatenate(rows), np.asarray(targets, dtype=np.int64), num_top)
 
 
+# Prompt rows whose [rows, vocab] logprobs exist at once (about 150 MB for a 152k vocabulary).
+ROWS_PER_SLICE = 256
+
+
+def _pack(logits: torch.Tensor, targets: torch.Tensor, num_top: int) -> torch.Tensor:
+    """[3 + 2k, R]: each row's target id, its logprob, its 1-based rank (vLLM's `rank`), then the top
+    k logprobs and their ids."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    rank = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+    columns = [targets.float().unsqueeze(0), chosen.unsqueeze(0), rank.float().unsqueeze(0)]
+    if num_top:
+        top_values, top_ids = logprobs.topk(num_top, dim=1)
+        columns += [top_values.t(), top_ids.float().t()]
+    return torch.cat(columns)
+
+
 class LaunchedPromptLogprobs:
     """A step's prompt logprobs, computed on the device and copied to the host behind it."""
 
@@ -72,16 +89,13 @@ class LaunchedPromptLogprobs:
         device = hidden.device
         index = host_to_device(torch.from_numpy(rows.rows), device)
         targets = host_to_device(torch.from_numpy(rows.targets), device)
-        logprobs = torch.log_softmax(lm_head(hidden[index])[:, :vocab_size].float(), dim=-1)
-        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        # 1-based rank of the prompt token in its distribution (vLLM's `rank`).
-        rank = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-        top_values, top_ids = logprobs.topk(rows.num_top, dim=1) if rows.num_top else (None, None)
-        tensors = [targets.float(), chosen, rank.float()]
-        if top_values is not None:
-            tensors += [top_values.t(), top_ids.float().t()]
+        # In slices of rows: a whole long prompt's [R, V] float32 logprobs would be gigabytes.
+        pieces = []
+        for begin in range(0, len(rows.rows), ROWS_PER_SLICE):
+            piece = slice(begin, begin + ROWS_PER_SLICE)
+            pieces.append(_pack(lm_head(hidden[index[piece]])[:, :vocab_size], targets[piece], rows.num_top))
         # One [3 + 2k, R] block, copied once. float32 holds token ids exactly below 2**24.
-        packed = torch.cat([t.reshape(-1, len(rows.rows)) for t in tensors])
+        packed = torch.cat(pieces, dim=1)
         self._num_top = rows.num_top
         self.on_cuda = device.type == "cuda"
         self._host = to_pinned_host(packed) if self.on_cuda else packed

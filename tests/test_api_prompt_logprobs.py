@@ -51,8 +51,10 @@ def _check_entries(entries, ids, reference, k):
         assert [lp for _, lp in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
-def test_the_engine_computes_prompt_logprobs_across_chunks_and_cache_hits(model_dir, reference):
-    # A 7-token step budget cuts the prompt into chunks; the second request could read it from the cache.
+def test_the_engine_computes_prompt_logprobs_across_chunks_and_cache_hits(model_dir, reference, monkeypatch):
+    # A 7-token step budget cuts the prompt into chunks; the second request could read it from the cache;
+    # the rows of a chunk go through the LM head 4 at a time.
+    monkeypatch.setattr("engine.prompt_logprobs.ROWS_PER_SLICE", 4)
     llm = LLM(model=str(model_dir), device="cpu", num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=7)
     ids = llm.get_tokenizer().encode(PROMPT)
     params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
