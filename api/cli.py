@@ -122,6 +122,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the engine's step loop in a child process, so HTTP work never holds the GIL it needs "
         "(default; --no-engine-process keeps it on a thread of the server's process)",
     )
+    engine.add_argument(
+        "--disable-frontend-multiprocessing",
+        dest="engine_process",
+        action="store_false",
+        help="vLLM's name for --no-engine-process",
+    )
 
 
 def add_vllm_server_arguments(server: argparse._ArgumentGroup) -> None:

@@ -33,8 +33,9 @@ UNSUPPORTED_VLLM_FLAGS = frozenset(
         "--uds", "--api-server-count", "--headless", "--load-format-sharded", "--enable-eplb",
     }
 )  # fmt: skip
-# vLLM flags for behaviour sluicegate always has: accepted, and they change nothing.
-ALWAYS_ON_VLLM_FLAGS = frozenset({"--enable-chunked-prefill", "--enable-prompt-tokens-details"})
+# vLLM flags for behaviour sluicegate always has: accepted, and they change nothing. (sluicegate logs no
+# periodic stats, so --disable-log-stats is what it does anyway.)
+ALWAYS_ON_VLLM_FLAGS = frozenset({"--enable-chunked-prefill", "--enable-prompt-tokens-details", "--disable-log-stats"})
 
 
 def check_unknown_flags(unknown: Sequence[str]) -> str | None:

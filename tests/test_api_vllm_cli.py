@@ -136,6 +136,8 @@ def test_what_we_do_not_support_fails_naming_it_before_loading_anything(flags, f
 
 def test_always_on_vllm_flags_are_accepted():
     assert check_unknown_flags(["--enable-chunked-prefill", "--enable-prompt-tokens-details"]) is None
+    assert check_unknown_flags(["--disable-log-stats"]) is None
+    assert _parse("m").engine_process and not _parse("m", "--disable-frontend-multiprocessing").engine_process
 
 
 def _free_port() -> int:
