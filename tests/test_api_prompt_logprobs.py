@@ -98,6 +98,17 @@ def test_echo_logprobs_with_max_tokens_0_scores_the_prompt_as_lm_eval_harness_as
     assert math.isclose(sum(logprobs.token_logprobs[1:]), total, abs_tol=1e-3)
 
 
+def test_streamed_scoring_gives_the_same_answer(client):
+    kwargs = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 0}
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text == PROMPT
+    streamed = [c.logprobs for c in chunks if c.logprobs]
+    assert [t for part in streamed for t in part.tokens] == whole.logprobs.tokens
+    assert [lp for part in streamed for lp in part.token_logprobs] == whole.logprobs.token_logprobs
+    assert chunks[-1].finish_reason == "length"
+
+
 def test_echo_logprobs_continue_with_the_generated_tokens(client):
     response = client.completions.create(
         model=MODEL, prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, temperature=0, extra_body={"ignore_eos": True}

@@ -162,6 +162,16 @@ def test_unknown_fields_are_ignored_and_logged_once_per_name(client, caplog):
     assert len(logged) == 2 and any("'vllm_only_knob_a'" in m for m in logged) and any("'knob_b'" in m for m in logged)
 
 
+def test_enable_log_requests_logs_each_request(engine, caplog):
+    app = create_app(engine, shutdown_engine=False, options=ServerOptions(log_requests=True))
+    with BackgroundServer(app) as logging_server, caplog.at_level(logging.INFO, logger="api"):
+        logging_client = openai.OpenAI(base_url=f"{logging_server.url}/v1", api_key="unused", max_retries=0)
+        logging_client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+        logging_client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Received")]
+    assert len(logged) == 2 and "max_tokens=2" in logged[0]
+
+
 def test_cached_tokens_report_the_prefix_cache(client, tokenizer):
     prompt = "Prefix caching: " + " ".join(f"item {i}," for i in range(30))
     num_prompt = len(tokenizer.encode(prompt))
