@@ -212,8 +212,11 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
 
-class StructuredOutputsField(OpenAIModel):
-    """vLLM's `structured_outputs`: one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+class StructuredOutputsField(TopLevelRequest):
+    """vLLM's `structured_outputs`: one of json (a schema), regex, choice, grammar (EBNF), json_object.
+
+    Its other options (structural_tag, whitespace_pattern, ...) are ignored, and logged once, like
+    unknown request fields."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None

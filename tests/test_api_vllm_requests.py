@@ -160,6 +160,14 @@ def test_unknown_fields_are_ignored_and_logged_once_per_name(client, caplog):
             assert response.choices[0].message.content is not None
     logged = [r.getMessage() for r in caplog.records if "unknown field" in r.getMessage()]
     assert len(logged) == 2 and any("'vllm_only_knob_a'" in m for m in logged) and any("'knob_b'" in m for m in logged)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="api.protocol"):
+        for _ in range(2):
+            client.completions.create(
+                model=MODEL, prompt="x", max_tokens=2, extra_body={"structured_outputs": {"choice": ["a"], "knob_c": 1}}
+            )
+    logged = [r.getMessage() for r in caplog.records if "unknown field" in r.getMessage()]
+    assert len(logged) == 1 and "'knob_c'" in logged[0] and "StructuredOutputsField" in logged[0]
 
 
 def test_enable_log_requests_logs_each_request(engine, caplog):
