@@ -199,6 +199,7 @@ class RequestTracker:
         self.metrics = metrics
         self.arrival_time = arrival_time
         self.last_output_time: float | None = None
+        self.sample_output_times: dict[int, float] = {}  # each sample's last output with tokens
         self.finish_reasons: dict[int, str] = {}
         self.done = False
 
@@ -223,8 +224,7 @@ class RequestTracker:
                     family.queue_time.observe(queue_time)
         elif new_tokens:
             self.metrics.itl.observe(now - self.last_output_time)
-            for family in vllm_sets:
-                family.itl.observe(now - self.last_output_time)
+        self._observe_token_intervals(output, now)
         if new_tokens:
             self.last_output_time = now
         self.metrics.generation_tokens.inc(new_tokens)
@@ -235,6 +235,31 @@ class RequestTracker:
                 self.finish_reasons[completion.index] = completion.finish_reason
         if output.finished:
             self.finish(None)
+
+    def _observe_token_intervals(self, output: RequestOutput, now: float) -> None:
+        """vLLM's inter_token_latency: one observation per token of a sequence after its first.
+
+        An output that brings k tokens of a sample (outputs merged while the client read slowly)
+        counts k intervals of equal share, so _sum / _count stays the mean. A sample's first output
+        (a sibling of n > 1 may start later) is timed from the request's previous output, or from its
+        arrival for the request's very first output (whose extra tokens' spacing is otherwise unknown):
+        the count is exact, those few values are estimates. Runs before last_output_time moves to now.
+        """
+        for completion in output.outputs:
+            num_tokens = len(completion.token_ids)
+            if not num_tokens:
+                continue
+            last = self.sample_output_times.get(completion.index)
+            self.sample_output_times[completion.index] = now
+            num_intervals = num_tokens
+            if last is None:  # the sample's first token starts its sequence: no interval before it
+                last, num_intervals = self.last_output_time or self.arrival_time, num_tokens - 1
+            if not num_intervals:
+                continue
+            interval = (now - last) / num_tokens
+            for family in self.metrics.vllm_sets:
+                for _ in range(num_intervals):
+                    family.itl.observe(interval)
 
     def finish(self, reason: str | None) -> None:
         """Counts the request once; `reason` overrides what the outputs said (e.g. 'abort')."""

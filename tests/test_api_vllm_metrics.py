@@ -116,6 +116,7 @@ def test_a_request_with_n_samples_counts_once(server):
         assert delta(prefix + "prefix_cache_queries_total") == response.usage.prompt_tokens
         assert delta(prefix + "prefix_cache_hits_total") == response.usage.prompt_tokens_details.cached_tokens
         assert delta(prefix + "time_to_first_token_seconds_count") == 1
+        assert delta(prefix + "inter_token_latency_seconds_count") == 3 * 3  # tokens 2, 3 and 4 of each sample
         assert delta(prefix + "e2e_request_latency_seconds_count") == 1
 
 
