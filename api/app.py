@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import chat, completions, models
-from api.auth import PROTECTED_PREFIX, APIKeyMiddleware
+from api import chat, completions, models, vllm_routes
+from api.auth import PROTECTED_PREFIX, APIKeyMiddleware, route_path
 from api.body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES, BodySizeLimitMiddleware
 from api.errors import APIError, install_error_handlers
+from api.options import ServerOptions
 from api.state import ServerState, get_state
 
 logger = logging.getLogger(__name__)
@@ -28,12 +30,17 @@ def create_app(
     shutdown_engine: bool = True,
     tool_call_parser: str | None = None,
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+    options: ServerOptions | None = None,
 ) -> FastAPI:
     """An app serving `engine` (an AsyncLLM). With `shutdown_engine`, stopping the app stops it.
 
-    `tool_call_parser` names the tool-call format of tool_choice "auto" (default: the chat template's).
+    `tool_call_parser` names the tool-call format of tool_choice "auto" (default: the chat template's);
+    `options` holds the settings vLLM users pass (served-name aliases, chat template, CORS, ...).
     """
-    state = ServerState(engine, max_waiting_requests=max_waiting_requests, tool_call_parser=tool_call_parser)
+    options = options or ServerOptions()
+    state = ServerState(
+        engine, max_waiting_requests=max_waiting_requests, tool_call_parser=tool_call_parser, options=options
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,12 +51,21 @@ def create_app(
         if shutdown_engine:
             await engine.shutdown()
 
-    app = FastAPI(title="sluicegate", summary="OpenAI-compatible LLM inference server", lifespan=lifespan)
+    app = FastAPI(
+        title="sluicegate",
+        summary="OpenAI-compatible LLM inference server",
+        lifespan=lifespan,
+    )
+    # The prefix a proxy strips (--root-path): FastAPI sets it as the ASGI root_path of every request,
+    # so routes still match and /docs and openapi.json name the public URL. (As an attribute: the
+    # constructor's parameter is deprecated.)
+    app.root_path = options.root_path
     app.state.sluice = state
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
+    app.include_router(vllm_routes.router)
 
     @app.get(
         "/health",
@@ -74,6 +90,15 @@ def create_app(
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(DrainMiddleware, state=state)
+    # Outermost: a browser's preflight is answered before auth (it carries no key), and every answer,
+    # errors included, carries the CORS headers the browser needs to read it.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(options.allowed_origins),
+        allow_methods=list(options.allowed_methods),
+        allow_headers=list(options.allowed_headers),
+        allow_credentials=options.allow_credentials,
+    )
     return app
 
 
@@ -88,7 +113,7 @@ class DrainMiddleware:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.state.admission.draining and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and self.state.admission.draining and route_path(scope).startswith(PROTECTED_PREFIX):
             error = APIError(503, "The server is shutting down and accepts no new requests.", code="shutting_down")
             await error.response()(scope, receive, send)
             return

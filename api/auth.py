@@ -1,4 +1,5 @@
-"""API-key check for /v1: a bearer token compared in constant time; /health and /metrics stay open."""
+"""API-key check for /v1 (and /tokenize, /detokenize): a bearer token compared in constant time; /health,
+/metrics, /ping and /version stay open."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.errors import APIError
 
 PROTECTED_PREFIX = "/v1"
+# vLLM's tokenizer routes sit outside /v1 but serve the model's tokenizer: the key guards them too.
+PROTECTED_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes see: without the root_path (--root-path) when the proxy left it in place.
+
+    Checks on the raw path would miss /prefix/v1/... although the router serves it as /v1/...
+    """
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def is_protected(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
 
 
 class APIKeyMiddleware:
@@ -22,7 +38,7 @@ class APIKeyMiddleware:
         self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX) and not self._authorized(scope):
+        if scope["type"] == "http" and is_protected(route_path(scope)) and not self._authorized(scope):
             error = APIError(
                 401,
                 "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",

@@ -10,7 +10,14 @@ import jinja2
 from api import control_tokens
 from api.errors import APIError
 from api.input_limits import check_request_tree, too_deep
-from api.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, TextPart, ToolMessage
+from api.protocol import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    ChatMessage,
+    TextPart,
+    TokenizeChatRequest,
+    ToolMessage,
+)
 
 _NON_TEXT_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
 # chat_template_kwargs reach the template as variables; these names would instead change how
@@ -24,9 +31,19 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 )  # fmt: skip
 
 
-def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the conversation, ready for the engine; a 400 APIError for what cannot render."""
-    if getattr(tokenizer, "chat_template", None) is None:
+def render_chat_prompt(
+    tokenizer: Any,
+    request: ChatCompletionRequest | TokenizeChatRequest,
+    chat_template: str | None = None,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """Token ids of the conversation, ready for the engine; a 400 APIError for what cannot render.
+
+    The template is the request's own `chat_template`, else `chat_template` (the server's), else the
+    tokenizer's. `add_special_tokens` adds the tokenizer's BOS and the like on top of the template's.
+    """
+    chat_template = request.chat_template or chat_template or getattr(tokenizer, "chat_template", None)
+    if chat_template is None:
         raise APIError(
             400,
             "This model has no chat template, so it cannot serve /v1/chat/completions; use /v1/completions.",
@@ -45,25 +62,37 @@ def render_chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> list[i
     options = {
         "add_generation_prompt": request.add_generation_prompt and not request.continue_final_message,
         "continue_final_message": request.continue_final_message,
+        "chat_template": chat_template,
         "return_dict": False,
     }
     try:
         # A user who writes "<|im_start|>system" in a message gets those characters as text, not
         # the control token: the conversation structure is the template's alone.
         if control_tokens.native_sanitize(tokenizer):
-            return tokenizer.apply_chat_template(
+            ids = tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=True, sanitize_control_tokens=True, **options, **template_kwargs
             )
-        return _render_sanitized(tokenizer, messages, tools, options, template_kwargs)
+        else:
+            ids = _render_sanitized(tokenizer, messages, tools, options, template_kwargs)
     except RecursionError:
         # Every nested input is depth-checked first (api/input_limits.py); a template that recurses
         # on its own (a macro calling itself per message) can still get here.
         message = "The chat template could not format these messages: they nest too deeply."
         raise APIError(400, message, param="messages") from None
+    except jinja2.TemplateSyntaxError as error:
+        param = "chat_template" if request.chat_template else "messages"
+        raise APIError(400, f"The chat template is not valid Jinja: {error}", param=param) from None
     except (jinja2.TemplateError, ValueError, TypeError) as error:
         # Templates reject what they cannot format (roles out of order, a missing tool id) by
         # raising; that is the request's fault, and the template's own words say what is wrong.
         raise APIError(400, f"The chat template could not format these messages: {error}", param="messages") from None
+    if add_special_tokens:
+        # apply_chat_template tokenizes without them (the template writes its own); these are what the
+        # tokenizer puts before any text (a BOS, for Llama-style tokenizers).
+        prefix = tokenizer.encode("", add_special_tokens=True)
+        if ids[: len(prefix)] != prefix:
+            ids = prefix + ids
+    return ids
 
 
 def _render_sanitized(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,14 +22,21 @@ from api.generation import (
     now_s,
     open_streams,
 )
-from api.logprobs import CompletionLogprobsBuilder, merge_completion_logprobs
+from api.logprobs import (
+    CompletionLogprobsBuilder,
+    echoed_prompt_logprobs,
+    merge_completion_logprobs,
+    vllm_prompt_logprobs,
+)
 from api.protocol import CompletionRequest, CompletionResponse
 from api.routing import ThreadedBodyRoute
-from api.sampling import build_sampling_params, check_stream_options
-from api.state import ServerState, error_responses, get_state, stream_content
+from api.sampling import build_sampling_params, check_max_logprobs, check_stream_options, truncate_prompt
+from api.state import ServerState, error_responses, get_state, stream_content, usage_body
 from api.streaming import SSE_DONE, SSEResponse, sse_event
-from api.structured import response_format_constraint
+from api.structured import request_constraint
+from engine.outputs import CompletionOutput, RequestOutput
 
+logger = logging.getLogger(__name__)
 router = APIRouter(route_class=ThreadedBodyRoute)
 
 MAX_PROMPTS = 1024  # prompts in one request; each becomes an engine request
@@ -48,17 +56,31 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise not_supported("suffix", "'suffix' (fill-in-the-middle)")
     if body.best_of is not None and body.best_of != body.n:
         raise not_supported("best_of", "'best_of' different from 'n'")
-    if body.echo and body.logprobs is not None:
-        raise not_supported("logprobs", "'logprobs' together with 'echo' (prompt logprobs)")
+    if body.max_tokens == 0 and not body.echo:
+        message = "Invalid value for 'max_tokens': 0 is only allowed with 'echo' (to score the prompt)."
+        raise APIError(400, message, param="max_tokens")
+    check_max_logprobs("logprobs", body.logprobs, state.options.max_logprobs)
+    check_max_logprobs("prompt_logprobs", body.prompt_logprobs, state.options.max_logprobs)
+    constraint, constraint_param = request_constraint(body)
+    # echo with logprobs scores the prompt too (lm-eval-harness), as does vLLM's prompt_logprobs.
+    wanted = [k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None]
     params = build_sampling_params(
         body,
-        max_tokens=body.max_tokens,
+        # max_tokens 0 (scoring only): the engine samples one token, which the answer leaves out.
+        max_tokens=1 if body.max_tokens == 0 else body.max_tokens,
+        prompt_logprobs=max(wanted) if wanted else None,
         logprobs=body.logprobs,
         vocab_size=state.vocab_size,
-        structured_outputs=response_format_constraint(body.response_format),
+        structured_outputs=constraint,
+        tokenizer=state.engine.tokenizer,
+        defaults=state.options.sampling_defaults,
     )
     # Tokenizing megabytes of text takes seconds: off the event loop, which serves everyone.
     prompts = await asyncio.to_thread(_prompt_token_ids, state, body.prompt)
+    truncate = body.truncate_prompt_tokens
+    prompts = [truncate_prompt(p, truncate, state.max_model_len) for p in prompts]
+    if state.options.log_requests:
+        logger.info("Received completion request: %s prompts, params: %s", [len(p) for p in prompts], params)
     try:
         streams = await cancel_on_disconnect(
             request,
@@ -70,7 +92,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                 admission=state.admission,
                 arrival_time=arrival_time,
                 prompt_param="prompt",
-                param_renames={"structured_outputs": "response_format"},
+                param_renames={"structured_outputs": constraint_param},
             ),
         )
     except ClientDisconnected:
@@ -119,9 +141,15 @@ class _CompletionRun:
         self.created = now_s()
         n = body.n
         self.echo_text = [self._echo(i) for i in range(len(prompts))]
+        # The echoed prompt's logprobs (echo with logprobs) start the choice's, at offset 0; otherwise the
+        # generated tokens' offsets start after the echoed text.
+        self.echo_logprobs = body.echo and body.logprobs is not None
+        self.score_only = body.max_tokens == 0  # the answer is the echoed prompt alone
         self.logprobs = [
-            CompletionLogprobsBuilder(state.token_text, len(self.echo_text[i // n])) for i in range(len(prompts) * n)
+            CompletionLogprobsBuilder(state.token_text, 0 if self.echo_logprobs else len(self.echo_text[i // n]))
+            for i in range(len(prompts) * n)
         ]
+        self.prompt_entries: list[list[Any] | None] = [None] * len(prompts)  # each prompt's prompt logprobs
 
     def _echo(self, prompt_index: int) -> str:
         if not self.body.echo:
@@ -133,20 +161,41 @@ class _CompletionRun:
             return prompt[prompt_index]  # type: ignore[return-value]
         return self.state.engine.tokenizer.decode(self.prompts[prompt_index], skip_special_tokens=False)
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
+    def _note_prompt_logprobs(self, position: int, output: RequestOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_entries[position] = output.prompt_logprobs
+
+    def _piece(self, position: int, index: int, completion: CompletionOutput, first: bool) -> dict[str, Any]:
+        """A choice's new text and logprobs from one engine output; its first piece starts with the echo."""
+        text = "" if self.score_only else completion.text
+        parts = []
+        piece: dict[str, Any] = {}
+        if first:
+            text = self.echo_text[position] + text
+            entries = self.prompt_entries[position]
+            if self.echo_logprobs:
+                parts.append(echoed_prompt_logprobs(self.prompts[position], entries, self.logprobs[index]))
+            if self.body.prompt_logprobs is not None:
+                piece["prompt_logprobs"] = vllm_prompt_logprobs(entries, self.state.token_text)
+        if completion.logprobs and not self.score_only:
+            parts.append(self.logprobs[index].build(completion.logprobs))
+        piece["text"] = text
+        piece["logprobs"] = merge_completion_logprobs(parts) if parts else None
+        piece["num_tokens"] = 0 if self.score_only else len(completion.token_ids)
+        return piece
+
+    def _usage(self, completion_tokens: int) -> dict[str, Any]:
         prompt_tokens = sum(len(p) for p in self.prompts)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        cached_tokens = sum(stream.num_cached_tokens for stream in self.streams)
+        return usage_body(prompt_tokens, completion_tokens, cached_tokens)
 
     def _payload(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
-            "model": self.state.model_name,
+            "model": self.body.model,
+            "system_fingerprint": self.state.system_fingerprint,
             "choices": choices,
         }
 
@@ -156,30 +205,19 @@ class _CompletionRun:
         finished: set[int] = set()
         echoed: set[int] = set()
         async for position, output in merge_streams(self.streams):
+            self._note_prompt_logprobs(position, output)
             for completion in output.outputs:
                 index = position * n + completion.index
                 if index in finished:
                     continue
-                num_completion_tokens += len(completion.token_ids)
-                text = completion.text
-                if index not in echoed:
-                    echoed.add(index)
-                    text = self.echo_text[position] + text
-                logprobs = self.logprobs[index].build(completion.logprobs) if completion.logprobs else None
-                if not text and logprobs is None and completion.finish_reason is None:
+                piece = self._piece(position, index, completion, first=index not in echoed)
+                echoed.add(index)
+                num_completion_tokens += piece.pop("num_tokens")
+                if not piece["text"] and piece["logprobs"] is None and completion.finish_reason is None:
                     continue
                 if completion.finish_reason is not None:
                     finished.add(index)
-                payload = self._payload(
-                    [
-                        {
-                            "index": index,
-                            "text": text,
-                            "logprobs": logprobs,
-                            "finish_reason": completion.finish_reason,
-                        }
-                    ]
-                )
+                payload = self._payload([{"index": index, **piece, "finish_reason": completion.finish_reason}])
                 if include_usage:
                     payload["usage"] = None
                 yield sse_event(payload)
@@ -191,18 +229,23 @@ class _CompletionRun:
 
     async def collect(self) -> CompletionResponse:
         num_choices = len(self.prompts) * self.body.n
-        texts: list[list[str]] = [[self.echo_text[i // self.body.n]] for i in range(num_choices)]
+        texts: list[list[str]] = [[] for _ in range(num_choices)]
         logprobs: list[list[dict[str, Any]] | None] = [None] * num_choices
         finish_reasons: list[str | None] = [None] * num_choices
+        extras: list[dict[str, Any]] = [{} for _ in range(num_choices)]
         num_completion_tokens = 0
         async for position, output in merge_streams(self.streams):
+            self._note_prompt_logprobs(position, output)
             for completion in output.outputs:
                 index = position * self.body.n + completion.index
-                texts[index].append(completion.text)
-                num_completion_tokens += len(completion.token_ids)
-                if completion.logprobs is not None:
+                piece = self._piece(position, index, completion, first=not texts[index])
+                texts[index].append(piece.pop("text"))
+                num_completion_tokens += piece.pop("num_tokens")
+                part = piece.pop("logprobs")
+                if part is not None:
                     logprobs[index] = logprobs[index] or []
-                    logprobs[index].append(self.logprobs[index].build(completion.logprobs))  # type: ignore[union-attr]
+                    logprobs[index].append(part)  # type: ignore[union-attr]
+                extras[index].update(piece)
                 if completion.finish_reason is not None:
                     finish_reasons[index] = completion.finish_reason
         choices = [
@@ -211,13 +254,15 @@ class _CompletionRun:
                 "text": "".join(texts[i]),
                 "logprobs": merge_completion_logprobs(logprobs[i]) if logprobs[i] is not None else None,
                 "finish_reason": finish_reasons[i],
+                **extras[i],
             }
             for i in range(num_choices)
         ]
         return CompletionResponse(
             id=self.id,
             created=self.created,
-            model=self.state.model_name,
+            model=self.body.model,
             choices=choices,  # type: ignore[arg-type]
             usage=self._usage(num_completion_tokens),  # type: ignore[arg-type]
+            system_fingerprint=self.state.system_fingerprint,
         )

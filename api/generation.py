@@ -47,6 +47,7 @@ class EngineStream:
         self._tracker = tracker
         self._on_close: Callable[[], None] | None = on_close
         self.prompt_token_ids = first.prompt_token_ids
+        self.num_cached_tokens = first.num_cached_tokens  # prompt tokens the prefix cache served
         self.finished = first.finished
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:

@@ -137,3 +137,36 @@ def merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for key, values in merged.items():
             values.extend(part[key])
     return merged
+
+
+def echoed_prompt_logprobs(
+    prompt_token_ids: list[int], entries: list[TokenLogprob | None], builder: CompletionLogprobsBuilder
+) -> dict[str, Any]:
+    """The legacy `logprobs` of an echoed prompt: the first token's logprob and alternatives are null
+    (nothing predicts it), as in OpenAI's and vLLM's answers."""
+    first_text = builder.token_text(prompt_token_ids[0])
+    head = {"tokens": [first_text], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [builder.offset]}
+    builder.offset += len(first_text)
+    rest = builder.build([entry for entry in entries[1:] if entry is not None])
+    return merge_completion_logprobs([head, rest])
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob | None], token_text: TokenText) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), {token id: {logprob, rank,
+    decoded_token}} for the token itself and its top alternatives (ranks 1..k)."""
+    result: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        by_id = {
+            str(token_id): {"logprob": _finite(lp), "rank": rank, "decoded_token": token_text(token_id)}
+            for rank, (token_id, lp) in enumerate(entry.top_logprobs, start=1)
+        }
+        by_id[str(entry.token_id)] = {
+            "logprob": _finite(entry.logprob),
+            "rank": entry.rank,
+            "decoded_token": token_text(entry.token_id),
+        }
+        result.append(by_id)
+    return result

@@ -1,4 +1,4 @@
-"""GET /v1/models and /v1/models/{id}: the one served model, as OpenAI model objects."""
+"""GET /v1/models and /v1/models/{id}: the served model, once per name it is served as, as OpenAI model objects."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from api.state import ServerState, error_responses, get_state
 router = APIRouter()
 
 
-def _card(state: ServerState) -> ModelCard:
-    return ModelCard(
-        id=state.model_name, created=state.created, root=state.model_name, max_model_len=state.max_model_len
-    )
+def _card(state: ServerState, name: str) -> ModelCard:
+    return ModelCard(id=name, created=state.created, root=state.model_name, max_model_len=state.max_model_len)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(get_state(request))])
+    state = get_state(request)
+    return ModelList(data=[_card(state, name) for name in state.model_names])
 
 
 # `:path` because hub ids contain a slash ("Qwen/Qwen3-0.6B").
@@ -26,4 +25,4 @@ async def list_models(request: Request) -> ModelList:
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     state = get_state(request)
     state.check_model(model_id)
-    return _card(state)
+    return _card(state, model_id)

@@ -8,9 +8,11 @@ clients written for a newer API version must keep working. Numbers are strict: n
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from api.input_limits import check_request_tree
 from engine.sampling_params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_STRINGS
@@ -26,8 +28,44 @@ TokenId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
 StopStrings = Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)]
 
 
+logger = logging.getLogger(__name__)
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
+
+
+class _UnknownFieldLog:
+    """Request fields the server ignores, each logged once (at warning level) so an operator sees what
+    clients send that does nothing, without a log line per request."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, request_type: str, names: set[str]) -> None:
+        with self._lock:
+            new = sorted(names - self._seen)
+            self._seen.update(new)
+        for name in new:
+            logger.warning("Ignoring the unknown field %r of %s requests (logged once per name)", name, request_type)
+
+
+UNKNOWN_FIELDS = _UnknownFieldLog()
+
+
+class TopLevelRequest(OpenAIModel):
+    """A request body: unknown fields are ignored, as OpenAI and vLLM do, and logged once per name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = set(data) - known
+            if unknown:
+                UNKNOWN_FIELDS.note(cls.__name__, unknown)
+        return data
 
 
 # ---- chat messages ---------------------------------------------------------------------------
@@ -180,7 +218,20 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
 
 
-class SamplingFields(OpenAIModel):
+class StructuredOutputsField(TopLevelRequest):
+    """vLLM's `structured_outputs`: one of json (a schema), regex, choice, grammar (EBNF), json_object.
+
+    Its other options (structural_tag, whitespace_pattern, ...) are ignored, and logged once, like
+    unknown request fields."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class SamplingFields(TopLevelRequest):
     """Parameters shared by chat and text completions: OpenAI's, then the vLLM extensions."""
 
     @model_validator(mode="before")
@@ -214,6 +265,17 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    bad_words: list[str] | None = None
+    # vLLM: the prompt tokens' logprobs, each with this many alternatives, as `prompt_logprobs`.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM: keep only the last k prompt tokens; -1: the last max_model_len.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    structured_outputs: StructuredOutputsField | None = None
+    # vLLM's older names for the same constraints.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -229,6 +291,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # this request's own Jinja template instead of the server's
+    echo: bool = False  # vLLM: the answer starts with the last message's content
 
 
 class CompletionRequest(SamplingFields):
@@ -238,7 +302,8 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: Int | None = Field(default=16, ge=1)
+    # 0 with echo: score the prompt only (lm-eval-harness), as vLLM allows.
+    max_tokens: Int | None = Field(default=16, ge=0)
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -248,10 +313,15 @@ class CompletionRequest(SamplingFields):
 # ---- responses -------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -272,6 +342,9 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None  # null when the answer is only tool calls
     tool_calls: list[ToolCall] | None = None
+    # With a reasoning parser: the thinking before the answer (vLLM's older and newer names).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -288,6 +361,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, as in CompletionChoice
 
 
 class DeltaFunctionCall(BaseModel):
@@ -306,6 +381,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -324,6 +401,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -338,6 +416,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's shape: per prompt token (null for the first), {token id: {logprob, rank, decoded_token}}.
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -347,6 +427,57 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    system_fingerprint: str | None = None
+
+
+# ---- vLLM's tokenizer routes -----------------------------------------------------------------
+
+
+class TokenizeCompletionRequest(TopLevelRequest):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(TopLevelRequest):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    return_token_strs: bool | None = False
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+
+
+def _tokenize_kind(body: Any) -> str:
+    return "chat" if isinstance(body, dict) and "messages" in body else "completion"
+
+
+# A body with `messages` is a chat request, any other a text one (so each is judged, and its unknown
+# fields logged, as the one kind it is).
+TokenizeRequest = Annotated[
+    Annotated[TokenizeChatRequest, Tag("chat")] | Annotated[TokenizeCompletionRequest, Tag("completion")],
+    Discriminator(_tokenize_kind),
+]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(TopLevelRequest):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

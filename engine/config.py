@@ -35,6 +35,8 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # token-id prompts only, no text (benchmarks of dummy models)
     # Shard the model over this many devices (ranks; rank 0 drives, engine/parallel/ has the rest).
     tensor_parallel_size: int = 1
+    trust_remote_code: bool = False  # let a hub model run its own Python (modeling, tokenizer)
+    revision: str | None = None  # the model's hub branch, tag or commit (default: main)
 
     def __post_init__(self) -> None:
         _check(

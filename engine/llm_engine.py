@@ -12,7 +12,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.loader import load
 from engine.model_runner import LaunchedStep, ModelRunner
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.sampler import make_generator
 from engine.sampling_params import OutputKind, SamplingParams
@@ -46,6 +46,9 @@ class UserRequest:
     params: SamplingParams
     samples: list[_Sample] = field(default_factory=list)
     pending: list[Request] = field(default_factory=list)  # siblings waiting for the prompt's blocks
+    # With params.prompt_logprobs: entry i is the logprob of prompt token i + 1 (engine/prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -129,6 +132,9 @@ class LLMEngine:
             raise ValueError(
                 f"Invalid value for 'prompt': token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
             )
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            # The LM head is a collective under TP; the workers do not mirror the prompt rows' calls.
+            raise ValueError("Invalid value for 'prompt_logprobs': not supported with tensor_parallel_size > 1")
         params = copy.copy(params)
         params.eos_token_ids = self.eos_token_ids
         num_prompt = len(prompt_ids)
@@ -158,7 +164,9 @@ class LLMEngine:
             if params.seed is not None:
                 sequence.generator = make_generator(params.seed + index, self.device)
             if compiled_grammar is not None:
-                sequence.grammar = grammar_manager.new_sequence_grammar(compiled_grammar)  # one per sample
+                # One per sample; a reasoning model's thinking block comes before the constrained answer.
+                thinking = params.structured_outputs.thinking
+                sequence.grammar = grammar_manager.new_sequence_grammar(compiled_grammar, thinking)
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(
@@ -264,6 +272,13 @@ class LLMEngine:
         result = launched.result()
         block_size = self.kv_cache.block_size
         touched: dict[str, UserRequest] = {}
+        for sequence, first_position, entries in result.prompt_logprobs or ():
+            user_request = self.requests.get(sequence.user_request_id)
+            if user_request is None or sequence.is_finished:
+                continue
+            known = user_request.prompt_logprobs
+            # A recomputed prompt (after a preemption) gives positions already known: keep the first.
+            known.extend(entries[len(known) - first_position :] if first_position <= len(known) else ())
         logprobs = result.logprobs or [None] * len(result.token_ids)
         for sequence, token_id, token_logprob in zip(result.sampled_requests, result.token_ids, logprobs):
             sequence.num_inflight_tokens -= 1
@@ -381,6 +396,12 @@ class LLMEngine:
             sample.finish_reported = done
             completions.append(completion)
         first = user_request.samples[0].sequence
+        prompt_logprobs = None
+        complete = len(user_request.prompt_logprobs) == len(user_request.prompt_token_ids) - 1
+        if user_request.params.prompt_logprobs is not None and complete:
+            if kind != OutputKind.DELTA or not user_request.prompt_logprobs_sent:
+                prompt_logprobs = [None, *user_request.prompt_logprobs]
+                user_request.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=user_request.request_id,
             prompt=user_request.prompt,
@@ -390,6 +411,7 @@ class LLMEngine:
             num_cached_tokens=first.num_cached_tokens,
             num_generated_tokens=sum(len(s.sequence.output_token_ids) for s in user_request.samples),
             queue_time=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def check_health(self) -> None:
@@ -408,17 +430,19 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         """Counters and gauges; plain reads, safe to call from another thread."""
         free = self.kv_cache.num_free_blocks
+        # Requests (not sequences: an n=16 request is one) with a sample in the running batch; the rest wait.
+        num_running_requests = len({sequence.user_request_id for sequence in list(self.scheduler.running)})
         return {
             "kv_blocks_total": self.kv_cache.num_blocks,
             "kv_block_size": self.kv_cache.block_size,
             "max_num_seqs": self.scheduler.max_num_seqs,
-            # Requests (not sequences: an n=16 request is one) with a sequence in the queue.
-            "num_waiting_requests": len({r.user_request_id for r in list(self.scheduler.waiting)}),
             "num_requests": len(self.requests),
             "kv_blocks_free": free,
             "kv_blocks_used": self.kv_cache.num_blocks - free,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting) + self.num_pending_samples,
+            "num_running_requests": num_running_requests,
+            "num_waiting_requests": max(0, len(self.requests) - num_running_requests),
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,

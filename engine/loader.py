@@ -109,7 +109,9 @@ def load(config: EngineConfig, parallel: ParallelGroup | None = None) -> LoadedM
     if config.model is None:
         logger.warning("No model given: running the built-in demo model (random weights: its replies are noise)")
     device = parallel.device if parallel is not None else resolve_device(config.device)
-    hf_config = AutoConfig.from_pretrained(model_path)
+    # Where the checkpoint comes from and whether its own code may run: every from_pretrained below.
+    hub = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    hf_config = AutoConfig.from_pretrained(model_path, **hub)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = _max_model_len(hf_config, config.max_model_len)
     check_supported(hf_config, max_model_len)
@@ -120,12 +122,16 @@ def load(config: EngineConfig, parallel: ParallelGroup | None = None) -> LoadedM
         model = _dummy_model(hf_config, dtype, device, config.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation=hf_integration.ATTN_IMPLEMENTATION
+            model_path, dtype=dtype, attn_implementation=hf_integration.ATTN_IMPLEMENTATION, **hub
         ).to(device)
     model.config._attn_implementation = hf_integration.ATTN_IMPLEMENTATION
     model.eval().requires_grad_(False)
 
-    tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+    tokenizer = None
+    if not config.skip_tokenizer_init:
+        # A separate --tokenizer is its own repository: the model's revision does not apply to it.
+        tokenizer_hub = hub if config.tokenizer is None else {"trust_remote_code": config.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path, **tokenizer_hub)
     logger.info("Loaded %s on %s in %s (max_model_len %d)", model_path, device, dtype, max_model_len)
     return LoadedModel(
         model=model,
@@ -134,7 +140,7 @@ def load(config: EngineConfig, parallel: ParallelGroup | None = None) -> LoadedM
         served_name=served_name,
         device=device,
         dtype=dtype,
-        eos_token_ids=_eos_token_ids(model_path, tokenizer, hf_config),
+        eos_token_ids=_eos_token_ids(model_path, tokenizer, hf_config, config.revision),
         max_model_len=max_model_len,
         parallel=parallel,
     )
@@ -198,15 +204,17 @@ def _sharded_model(
         dtype=dtype,
         attn_implementation=hf_integration.ATTN_IMPLEMENTATION,
         distributed_config=distributed,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
     )
 
 
-def _eos_token_ids(model_path: str, tokenizer, hf_config) -> frozenset[int]:
+def _eos_token_ids(model_path: str, tokenizer, hf_config, revision: str | None = None) -> frozenset[int]:
     """EOS ids from the tokenizer and generation_config (either may hold a list)."""
     ids: set[int] = set()
     candidates = [getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)]
     try:
-        candidates.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
+        candidates.append(GenerationConfig.from_pretrained(model_path, revision=revision).eos_token_id)
     except OSError:
         pass
     for value in candidates:

@@ -17,6 +17,7 @@ from engine.attention.metadata import AttentionMetadata, ForwardContext, forward
 from engine.config import EngineConfig
 from engine.loader import LoadedModel
 from engine.outputs import TokenLogprob
+from engine.prompt_logprobs import LaunchedPromptLogprobs, PromptLogprobRows, find_prompt_rows
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, SamplingRow, unpack_logprobs
 from engine.sampling_params import SamplingParams
@@ -33,19 +34,30 @@ class StepResult:
     sampled_requests: list[Request]  # the requests that got a new token, in batch order
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None
+    # (request, first prompt position, logprobs of the prompt tokens from there) for requests that ask.
+    prompt_logprobs: list[tuple[Request, int, list[TokenLogprob]]] | None = None
 
 
 class LaunchedStep:
     """A step queued on the device. Its sampled tokens are copied to pinned host memory behind it,
     so reading them (`result`) waits for this step only, not for steps queued after it."""
 
-    def __init__(self, sampled_requests: list[Request], output: SamplerOutput | None = None) -> None:
+    def __init__(
+        self,
+        sampled_requests: list[Request],
+        output: SamplerOutput | None = None,
+        prompt_logprobs: LaunchedPromptLogprobs | None = None,
+    ) -> None:
         self.sampled_requests = sampled_requests
         self._num_logprobs = output.num_logprobs if output is not None else []
         self._host_tokens: torch.Tensor | None = None
         self._host_logprobs: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
+        self._prompt_logprobs = prompt_logprobs
         if output is None:
+            if prompt_logprobs is not None and prompt_logprobs.on_cuda:
+                self._ready = torch.cuda.Event()  # its copy to the host was queued behind the forward
+                self._ready.record()
             return
         if output.token_ids.device.type == "cuda":
             self._host_tokens = to_pinned_host(output.token_ids)
@@ -60,12 +72,13 @@ class LaunchedStep:
     def result(self) -> StepResult:
         if self._ready is not None:
             self._ready.synchronize()
+        prompt_logprobs = self._prompt_logprobs.result() if self._prompt_logprobs is not None else None
         if self._host_tokens is None:
-            return StepResult([], [], None)
+            return StepResult([], [], None, prompt_logprobs)
         logprobs = None
         if self._host_logprobs is not None:
             logprobs = unpack_logprobs(self._host_logprobs.tolist(), self._num_logprobs)
-        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs)
+        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs, prompt_logprobs)
 
 
 @dataclass
@@ -74,6 +87,7 @@ class LaunchedForward:
 
     sampled_requests: list[Request]
     logits: torch.Tensor | None  # [S, V] on the device; None when the step samples nothing
+    prompt_logprobs: LaunchedPromptLogprobs | None = None
 
 
 @dataclass
@@ -108,6 +122,7 @@ class StepInputs:
     layout: StepLayout
     # The step's inputs as one int32 tensor on the device, what a TP worker receives (`unpack_step`).
     packed: torch.Tensor
+    prompt_rows: PromptLogprobRows | None = None  # rows whose logits give prompt logprobs
 
 
 def unpack_step(
@@ -367,6 +382,9 @@ class ModelRunner:
             is_decode_only=num_tokens == num_seqs == len(sampled),
             layout=layout,
             packed=packed,
+            prompt_rows=find_prompt_rows(batch.requests, starts.tolist(), ends.tolist(), query_start_loc[:-1].tolist())
+            if any(r.params.prompt_logprobs is not None for r in batch.requests)
+            else None,
         )
 
     @torch.inference_mode()
@@ -378,12 +396,14 @@ class ModelRunner:
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Hidden states of the packed batch, then logits [S, V] of the sampled rows only."""
+        return self.lm_head(self.hidden_states(input_ids, positions, metadata)[logits_indices])
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata):
         context = ForwardContext(metadata=metadata, kv_caches=self.kv_caches, backend=self.backend)
         with forward_context(context):
-            hidden = self.base_model(
+            return self.base_model(
                 input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False
             ).last_hidden_state[0]
-        return self.lm_head(hidden[logits_indices])
 
     @staticmethod
     def sampler_row(request: Request) -> SamplingRow:
@@ -399,9 +419,25 @@ class ModelRunner:
         sampled tokens on the device, so this may run before the host has read them.
         """
         inputs = self.prepare(batch)
-        use_graph = inputs.is_decode_only and self.graph_runner is not None and self.graph_runner.can_run(len(batch))
+        # A captured graph runs the LM head on the sampled rows only; prompt logprobs need it on more.
+        use_graph = (
+            inputs.is_decode_only
+            and inputs.prompt_rows is None
+            and self.graph_runner is not None
+            and self.graph_runner.can_run(len(batch))
+        )
         if self.step_sender is not None:  # the workers run this same forward on their shards
             self.step_sender.send([*inputs.layout.to_fields(), int(use_graph)], inputs.packed)
+        if inputs.prompt_rows is not None:
+            # The LM head also runs on the prompt rows of requests that asked for prompt logprobs.
+            # (Refused under tensor parallelism: the workers would have to mirror these LM-head calls.)
+            hidden = self.hidden_states(inputs.input_ids, inputs.positions, inputs.metadata)
+            prompt_logprobs = LaunchedPromptLogprobs(inputs.prompt_rows, hidden, self.lm_head, self.sampler.vocab_size)
+            logits = self.lm_head(hidden[inputs.logits_indices]) if inputs.sampled_requests else None
+            return LaunchedForward(inputs.sampled_requests, logits, prompt_logprobs)
+        if not inputs.sampled_requests:
+            self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
+            return LaunchedForward([], None)
         if use_graph:
             logits = self.graph_runner.run(inputs)
         else:
@@ -418,12 +454,12 @@ class ModelRunner:
         the previous step's tokens in between), so penalties, min_tokens and grammars see them all.
         """
         if forward.logits is None:
-            return LaunchedStep([])
+            return LaunchedStep([], prompt_logprobs=forward.prompt_logprobs)
         rows = [self.sampler_row(r) for r in forward.sampled_requests]
         output = self.sampler(forward.logits, rows)
         self._last_sampled = output.token_ids
         self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
-        return LaunchedStep(forward.sampled_requests, output)
+        return LaunchedStep(forward.sampled_requests, output, forward.prompt_logprobs)
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:

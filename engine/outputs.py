@@ -14,6 +14,7 @@ class TokenLogprob:
     logprob: float
     # The most likely alternatives, most likely first: (token_id, logprob).
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # 1-based rank of token_id in its distribution (prompt logprobs only)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class RequestOutput:
     num_generated_tokens: int = 0
     # Seconds from arrival to first scheduling; None until the request has been scheduled.
     queue_time: float | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    # predicts it). In the first output only for DELTA outputs, in every one otherwise.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -63,4 +67,7 @@ def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> Request
             token_ids=before.token_ids + completion.token_ids,
             logprobs=logprobs,
         )
-    return dataclasses.replace(later, outputs=[merged[index] for index in sorted(merged)])
+    prompt_logprobs = later.prompt_logprobs if later.prompt_logprobs is not None else earlier.prompt_logprobs
+    return dataclasses.replace(
+        later, outputs=[merged[index] for index in sorted(merged)], prompt_logprobs=prompt_logprobs
+    )

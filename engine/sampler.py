@@ -7,7 +7,7 @@ else shares the batch).
 
 Order of operations, per row (each stage is skipped when no row in the batch uses it):
   raw logits (fp32, columns >= vocab_size dropped) -> logprobs of the raw distribution
-  -> logit_bias -> min_tokens masking -> repetition penalty -> frequency/presence penalties
+  -> logit_bias -> bad words -> min_tokens masking -> repetition penalty -> frequency/presence penalties
   -> grammar mask (constrained rows only) -> greedy: argmax | random: / temperature -> min_p -> top_k
   -> top_p -> exponential race.
 Each filter acts on the distribution the previous filters left (renormalized), as transformers'
@@ -106,6 +106,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(processed, dim=-1)
 
         self._apply_logit_bias(processed, rows)
+        self._apply_bad_words(processed, rows)
         self._apply_min_tokens(processed, rows)
         self._apply_penalties(processed, rows)
         # Last of the processors, so that greedy and random selection (and every filter) only ever
@@ -172,14 +173,32 @@ class Sampler:
         index = _to_device([row_idx, token_idx], torch.int64, logits.device)
         logits.index_put_((index[0], index[1]), _to_device(values, torch.float32, logits.device), accumulate=True)
 
+    def _apply_bad_words(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """Bans the token that would complete a bad word: its last token, once the output ends with the rest."""
+        row_idx: list[int] = []
+        token_idx: list[int] = []
+        for i, row in enumerate(rows):
+            output = row.output_token_ids
+            for word in row.params.bad_words_token_ids or ():
+                prefix_len = len(word) - 1
+                if prefix_len == 0 or (len(output) >= prefix_len and output[-prefix_len:] == word[:-1]):
+                    if 0 <= word[-1] < self.vocab_size:
+                        row_idx.append(i)
+                        token_idx.append(word[-1])
+        if not row_idx:
+            return
+        index = _to_device([row_idx, token_idx], torch.int64, logits.device)
+        logits[index[0], index[1]] = float("-inf")
+
     def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         row_idx: list[int] = []
         token_idx: list[int] = []
         for i, row in enumerate(rows):
             p = row.params
             # A constrained output ends when its grammar is complete: the grammar then allows only
-            # EOS, and banning EOS too would leave no token at all.
-            if len(row.output_token_ids) >= p.min_tokens or row.grammar is not None:
+            # EOS, and banning EOS too would leave no token at all. (Not while it waits for a
+            # reasoning model's thinking to end: that part is free text.)
+            if len(row.output_token_ids) >= p.min_tokens or (row.grammar is not None and row.grammar.masks_next_token):
                 continue
             banned = set(p.stop_token_ids or ())
             if not p.ignore_eos:
@@ -335,7 +354,7 @@ def _uses_processors(rows: list[SamplingRow]) -> bool:
     """Whether any row's logits change before selection (bias, min_tokens, penalties, a grammar)."""
     for row in rows:
         p = row.params
-        if row.grammar is not None or p.logit_bias or p.repetition_penalty != 1.0:
+        if row.grammar is not None or p.logit_bias or p.bad_words_token_ids or p.repetition_penalty != 1.0:
             return True
         if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             return True

@@ -51,11 +51,17 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k: chosen token plus the top k alternatives
+    # Logprobs of the prompt's tokens (each with the top k alternatives); the prompt is then computed,
+    # never read from the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: OutputKind = OutputKind.CUMULATIVE
     # Constrains the output to a JSON schema, any JSON object, a regex, a choice or a grammar.
     structured_outputs: StructuredOutputsParams | None = None
+    # Token sequences the output must never contain (vLLM's bad_words, tokenized): the last token of
+    # each is banned whenever the output ends with the others.
+    bad_words_token_ids: list[list[int]] | None = None
     # Filled by the engine from the tokenizer and generation_config; not a user setting.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
@@ -65,6 +71,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self.bad_words_token_ids = [list(map(int, word)) for word in self.bad_words_token_ids or ()]
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -126,11 +133,18 @@ class SamplingParams:
             "stop",
             f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}",
         )
+        _check(all(self.bad_words_token_ids), "bad_words", "bad words must not be empty")
         if self.logprobs is not None:
             _check(
                 0 <= self.logprobs <= MAX_LOGPROBS,
                 "logprobs",
                 f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            )
+        if self.prompt_logprobs is not None:
+            _check(
+                0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
+                f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
             )
         _check(
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),

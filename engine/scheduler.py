@@ -83,7 +83,9 @@ class Scheduler:
             request = self.waiting[0]
             # A preempted request waits for its in-flight token; admissions stop after a preemption.
             assert request.num_inflight_tokens == 0, request.request_id
-            cached_blocks = self.kv_cache.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            # A request that wants prompt logprobs computes its whole prompt: cached blocks have no logits.
+            use_cache = request.num_computed_tokens == 0 and request.params.prompt_logprobs is None
+            cached_blocks = self.kv_cache.find_cached_prefix(request) if use_cache else []
             num_cached = len(cached_blocks) * self.kv_cache.block_size
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
             if not self.kv_cache.allocate(request, num_new, cached_blocks):

@@ -48,9 +48,23 @@ _JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 _XGRAMMAR_ERROR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
 
+@dataclass(frozen=True)
+class ThinkingMarkers:
+    """A reasoning model's thinking block, which the constraint does not cover: it applies after it.
+
+    thinking: True: the output starts inside the block; False: the block may open with the first
+    token (start_token_id), and the answer starts at once if it does not. The block ends with the
+    end_token_id token; the grammar constrains what follows.
+    """
+
+    start_token_id: int
+    end_token_id: int
+    thinking: bool
+
+
 @dataclass
 class StructuredOutputsParams:
-    """A constraint on a request's output: set exactly one field.
+    """A constraint on a request's output: set exactly one field (and `thinking` with any of them).
 
     json: a JSON schema (dict, or its JSON text); the output is one JSON value valid against it.
     json_object: True: the output is any JSON object.
@@ -67,6 +81,8 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    # A reasoning model's thinking comes first, unconstrained; not part of the compiled grammar.
+    thinking: ThinkingMarkers | None = None
 
     def __post_init__(self) -> None:
         chosen = [kind for kind in _KINDS if self._is_set(kind)]
@@ -130,22 +146,54 @@ def import_xgrammar() -> Any:
     return xgrammar
 
 
+# Where a sequence with ThinkingMarkers is: the grammar only sees tokens in _ANSWER.
+_OPENING, _THINKING, _ANSWER = 0, 1, 2
+
+
 class SequenceGrammar:
-    """One sequence's matcher: where in the grammar its output is, and which tokens may come next."""
+    """One sequence's matcher: where in the grammar its output is, and which tokens may come next.
 
-    __slots__ = ("manager", "matcher")
+    With ThinkingMarkers the matcher waits: tokens of the thinking block pass unchecked and unmasked,
+    and the grammar starts with the token after the end marker.
+    """
 
-    def __init__(self, manager: GrammarManager, matcher: Any) -> None:
+    __slots__ = ("manager", "matcher", "phase", "markers")
+
+    def __init__(self, manager: GrammarManager, matcher: Any, markers: ThinkingMarkers | None = None) -> None:
         self.manager = manager
         self.matcher = matcher
+        self.markers = markers
+        if markers is None:
+            self.phase = _ANSWER
+        else:
+            self.phase = _THINKING if markers.thinking else _OPENING
+
+    @property
+    def masks_next_token(self) -> bool:
+        """False inside a thinking block, where any token may come."""
+        return self.phase != _THINKING
+
+    @property
+    def may_open_thinking(self) -> bool:
+        """True while the next token may open a thinking block (the first token, with markers)."""
+        return self.phase == _OPENING
 
     def accept(self, token_id: int) -> bool:
         """Advances past a sampled token; False if the grammar does not allow it (a bug upstream)."""
+        if self.phase == _THINKING:
+            if token_id == self.markers.end_token_id:
+                self.phase = _ANSWER
+            return True
+        if self.phase == _OPENING:
+            if token_id == self.markers.start_token_id:
+                self.phase = _THINKING
+                return True
+            self.phase = _ANSWER
         return self.matcher.accept_token(token_id)
 
     def is_terminated(self) -> bool:
         """True once the output is complete and the grammar's stop token has been accepted."""
-        return self.matcher.is_terminated()
+        return self.phase == _ANSWER and self.matcher.is_terminated()
 
 
 class GrammarManager:
@@ -242,8 +290,8 @@ class GrammarManager:
                 logger.debug("could not recompile the patched JSON-schema grammar", exc_info=True)
         return self._compiler.compile_json_schema(schema, any_whitespace=False)
 
-    def new_sequence_grammar(self, compiled: Any) -> SequenceGrammar:
-        return SequenceGrammar(self, self._xgr.GrammarMatcher(compiled))
+    def new_sequence_grammar(self, compiled: Any, thinking: ThinkingMarkers | None = None) -> SequenceGrammar:
+        return SequenceGrammar(self, self._xgr.GrammarMatcher(compiled), thinking)
 
     # ---- masking (engine thread) -------------------------------------------------------------
 
@@ -252,6 +300,11 @@ class GrammarManager:
 
         logits is [B, V'] with V' <= the model's vocabulary (columns past V' are never sampled).
         """
+        if not all(g.masks_next_token for g in grammars):  # thinking rows sample freely
+            kept = [(row, g) for row, g in zip(rows, grammars, strict=True) if g.masks_next_token]
+            rows, grammars = [row for row, _ in kept], [g for _, g in kept]
+            if not rows:
+                return
         num_rows = logits.shape[0]
         if num_rows > self._bitmask.shape[0]:
             self._grow(num_rows)
@@ -263,6 +316,9 @@ class GrammarManager:
             self._fill_parallel.batch_fill_next_token_bitmask(matchers, bitmask, rows)
         else:
             self._fill_serial.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        for row, grammar in zip(rows, grammars, strict=True):
+            if grammar.may_open_thinking:  # the answer's first token, or the thinking block's opening
+                _allow_token(bitmask, row, grammar.markers.start_token_id)
         width = logits.shape[1]
         if logits.device.type == "cpu":
             self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
@@ -281,6 +337,13 @@ class GrammarManager:
         bitmask = self._xgr.allocate_token_bitmask(num_rows, self.vocab_size)
         self._bitmask = bitmask.pin_memory() if self.device.type == "cuda" else bitmask
         self._device_bitmask = None
+
+
+def _allow_token(bitmask: torch.Tensor, row: int, token_id: int) -> None:
+    word, bit = divmod(token_id, 32)
+    value = 1 << bit
+    # int32 words: bit 31 is the sign bit.
+    bitmask[row, word] |= value - (1 << 32) if value >= 1 << 31 else value
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:

@@ -102,7 +102,6 @@ def test_the_stream_equals_the_non_streamed_completion_for_the_same_seed(client)
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"echo": True, "logprobs": 1}, "logprobs"),
         ({"suffix": "the end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
     ],

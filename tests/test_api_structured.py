@@ -407,6 +407,7 @@ class _FakeStream:
 
     def __init__(self, texts: list[str], finish_reason: str = "stop", seed: int = 0) -> None:
         self.prompt_token_ids = [1, 2, 3]
+        self.num_cached_tokens = 0
         rng = random.Random(seed)
         queues = []
         for index, text in enumerate(texts):
@@ -428,7 +429,7 @@ class _FakeStream:
             yield RequestOutput("r", None, self.prompt_token_ids, [output], finished=False)
 
 
-_STATE = SimpleNamespace(model_name=MODEL, token_text=None)
+_STATE = SimpleNamespace(model_name=MODEL, token_text=None, system_fingerprint="fp_test")
 
 
 async def _auto_plan(**request) -> ToolCallPlan:
