@@ -172,7 +172,8 @@ CASES: list[HostileCase] = [
     _chat("reserved chat_template_kwargs", chat_template_kwargs={"tokenize": False}),
     _chat("min_tokens above max_tokens", min_tokens=9, max_tokens=3),
     _completion("suffix", suffix="fill in the middle"),
-    _completion("echo with logprobs", echo=True, logprobs=2),
+    _completion("max_tokens 0 without echo", max_tokens=0),
+    _completion("prompt_logprobs above the maximum", prompt_logprobs=10**6),
     # ---- paths and methods -------------------------------------------------------------------
     HostileCase("unknown path", "POST", "/v1/nothing-here", b"{}", dict(JSON_HEADERS)),
     HostileCase("GET on a POST route", "GET", CHAT, b"", {}),

@@ -1,7 +1,7 @@
 """Reasoning models: the thinking block as reasoning_content, the answer (and its constraint) after it.
 
 Server tests run a tiny Qwen3-style model (`tests/thinking_model.py`) whose outputs are forced by
-logit_bias: `<think>`, two words, `</think>`, then the answer; a huge repetition_penalty makes each
+logit_bias: `<think>`, two words, `</think>`, then the answer; the largest repetition_penalty makes each
 biased token fall away once used, so the bias order is the token order. The oracle for the split is
 the same request through /v1/completions, which returns the raw text unparsed.
 """
@@ -29,6 +29,7 @@ from api.reasoning import (
 from api.server import BackgroundServer
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
+from engine.sampling_params import MAX_REPETITION_PENALTY
 from tests.thinking_model import QWEN3_STYLE_TEMPLATE, build_thinking_model_dir
 
 MODEL = "tiny-thinker"
@@ -191,7 +192,7 @@ def forced(tokenizer):
     return {
         "temperature": 0,
         "logit_bias": bias,
-        "extra_body": {"repetition_penalty": 1e4},
+        "extra_body": {"repetition_penalty": MAX_REPETITION_PENALTY},
         "thought": tokenizer.decode(words),
     }
 
@@ -215,7 +216,7 @@ def test_the_thinking_is_reasoning_content_and_the_rest_is_content(server, clien
         max_tokens=12,
         temperature=0,
         logit_bias=forced["logit_bias"],
-        extra_body={"repetition_penalty": 1e4, "skip_special_tokens": True},
+        extra_body={"repetition_penalty": MAX_REPETITION_PENALTY, "skip_special_tokens": True},
     )
     assert raw.choices[0].text == f"{THINK_START}{forced['thought']}{THINK_END}{message.content or ''}"
 
