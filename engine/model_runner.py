@@ -252,7 +252,9 @@ class ModelRunner:
         logits_indices = query_start_loc[1:][sampled_rows] - 1
 
         block_counts = [len(r.block_ids) for r in batch.requests]
-        max_blocks = max(block_counts)
+        # The width is the kernels' row stride: a multiple of 16 keeps Triton's specialization of it
+        # (divisible by 16, or 1) the same in every step, so no step compiles a new kernel version.
+        max_blocks = _round_up(max(block_counts), 16)
         block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
         for row, request in enumerate(batch.requests):
             block_tables[row, : block_counts[row]] = request.block_ids
@@ -265,26 +267,24 @@ class ModelRunner:
         )
 
         num_inflight = len(inflight_positions)
-        longs = np.concatenate(
+        longs = _pack_aligned(
             [
                 np.asarray(token_ids, dtype=np.int64),
                 positions,
                 slot_mapping,
                 logits_indices,
                 np.asarray(inflight_positions + inflight_sources, dtype=np.int64),
-            ]
+            ],
+            np.int64,
         )
-        ints = np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()])
-        longs = host_to_device(torch.from_numpy(longs), self.device)
-        ints = host_to_device(torch.from_numpy(ints), self.device)
-        input_ids, positions_d, slots_d, logits_d, inflight_d = longs.split(
-            [num_tokens, num_tokens, num_tokens, len(sampled), 2 * num_inflight]
-        )
+        ints = _pack_aligned([query_start_loc, ends, block_tables.ravel()], np.int32)
+        longs = _unpack(host_to_device(torch.from_numpy(longs[0]), self.device), longs[1])
+        input_ids, positions_d, slots_d, logits_d, inflight_d = longs
         if num_inflight:
             input_ids.index_copy_(
                 0, inflight_d[:num_inflight], self._last_sampled.index_select(0, inflight_d[num_inflight:])
             )
-        qsl_d, seq_lens_d, tables_d = ints.split([num_seqs + 1, num_seqs, block_tables.size])
+        qsl_d, seq_lens_d, tables_d = _unpack(host_to_device(torch.from_numpy(ints[0]), self.device), ints[1])
         metadata = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d,
@@ -358,6 +358,35 @@ class ModelRunner:
         self._last_sampled = output.token_ids
         self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
         return LaunchedStep(forward.sampled_requests, output)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# Every section of a packed step buffer starts at a multiple of 16 bytes from the buffer's start
+# (which the allocators align far more): Triton specializes pointer arguments on 16-byte
+# alignment, and a section whose offset followed the batch size would flip it from step to step.
+_SECTION_ALIGNMENT_BYTES = 16
+
+
+def _pack_aligned(sections: list[np.ndarray], dtype: type) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """One buffer holding the sections (cast to dtype), each at a 16-byte boundary; and each
+    section's (offset, length) in elements."""
+    per_block = _SECTION_ALIGNMENT_BYTES // np.dtype(dtype).itemsize
+    spans = []
+    offset = 0
+    for section in sections:
+        spans.append((offset, len(section)))
+        offset += _round_up(len(section), per_block)
+    buffer = np.zeros(offset, dtype=dtype)
+    for section, (start, length) in zip(sections, spans):
+        buffer[start : start + length] = section
+    return buffer, spans
+
+
+def _unpack(buffer: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    return [buffer[start : start + length] for start, length in spans]
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:
