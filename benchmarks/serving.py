@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -298,8 +299,24 @@ def launched_server(serve_flags: str, timeout: float) -> Iterator[str]:
                 process.wait()
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # Raised in the main thread: asyncio.run cancels the clients, and the launched server (if any)
+    # is stopped by launched_server's `finally` instead of being left running.
+    raise SystemExit(f"benchmarks.serving: stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         print("--num-prompts, --input-len and --output-len must be >= 1", file=sys.stderr)
         return 2
