@@ -185,7 +185,9 @@ class ModelRunner:
         for length in lengths:
             starts.append(starts[-1] + length)
         total = starts[-1]
-        block_tables = torch.zeros(num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        # As wide as a step's table can be, so that the kernel versions compiled here serve the steps.
+        width = _round_up(self.max_blocks_per_seq, 16)
+        block_tables = torch.zeros(num_seqs, width, dtype=torch.int32, device=self.device)
         metadata = AttentionMetadata(
             slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=self.device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
@@ -254,8 +256,8 @@ class ModelRunner:
         block_counts = [len(r.block_ids) for r in batch.requests]
         # The width is the kernels' row stride: a multiple of 16 keeps Triton's specialization of it
         # (divisible by 16, or 1) the same in every step, so no step compiles a new kernel version.
-        max_blocks = _round_up(max(block_counts), 16)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        table_width = _round_up(max(block_counts), 16)
+        block_tables = np.zeros((num_seqs, table_width), dtype=np.int32)
         for row, request in enumerate(batch.requests):
             block_tables[row, : block_counts[row]] = request.block_ids
 
@@ -267,7 +269,7 @@ class ModelRunner:
         )
 
         num_inflight = len(inflight_positions)
-        longs = _pack_aligned(
+        longs, long_spans = _pack_aligned(
             [
                 np.asarray(token_ids, dtype=np.int64),
                 positions,
@@ -277,19 +279,20 @@ class ModelRunner:
             ],
             np.int64,
         )
-        ints = _pack_aligned([query_start_loc, ends, block_tables.ravel()], np.int32)
-        longs = _unpack(host_to_device(torch.from_numpy(longs[0]), self.device), longs[1])
-        input_ids, positions_d, slots_d, logits_d, inflight_d = longs
+        ints, int_spans = _pack_aligned([query_start_loc, ends, block_tables.ravel()], np.int32)
+        longs_d = host_to_device(torch.from_numpy(longs), self.device)
+        ints_d = host_to_device(torch.from_numpy(ints), self.device)
+        input_ids, positions_d, slots_d, logits_d, inflight_d = _unpack(longs_d, long_spans)
         if num_inflight:
             input_ids.index_copy_(
                 0, inflight_d[:num_inflight], self._last_sampled.index_select(0, inflight_d[num_inflight:])
             )
-        qsl_d, seq_lens_d, tables_d = _unpack(host_to_device(torch.from_numpy(ints[0]), self.device), ints[1])
+        qsl_d, seq_lens_d, tables_d = _unpack(ints_d, int_spans)
         metadata = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d,
             seq_lens=seq_lens_d,
-            block_tables=tables_d.view(num_seqs, max_blocks),
+            block_tables=tables_d.view(num_seqs, table_width),
             max_query_len=int(num_new.max()),
             max_seq_len=int(ends.max()),
             query_start_loc_host=query_start_loc.tolist(),
