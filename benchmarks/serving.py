@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run(args: argparse.Namespace) -> int:

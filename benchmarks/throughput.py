@@ -75,7 +75,7 @@ def warm_up(llm, temperature: float, batch_size: int = 8) -> None:
     """Runs every kernel version a benchmark run needs before it is timed, so that no Triton compile
     (0.5-2 s each, the GPU idle meanwhile) lands inside the timed window: a prefill step of each
     query-length class, decode at batch 1 over short and long contexts, then a mixed batch.
-    tests/test_kernel_specialization.py replays the qwen3-0.6b run to check that this covers it."""
+    tests/test_kernel_specialization.py replays the qwen3-0.6b and llama-3.1-8b runs to check it."""
     from engine import SamplingParams
 
     engine = llm.engine
