@@ -139,7 +139,7 @@ def _meta_model(monkeypatch: pytest.MonkeyPatch, preset: Preset) -> torch.nn.Mod
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # The install-time checks compare numbers, which the meta device does not have; on real devices
-    # they pass for Qwen3 (tests/test_fused_kernels.py).
+    # they pass for Qwen3 and Llama (tests/test_fused_kernels.py).
     monkeypatch.setattr(install, "_matches", lambda *args: True)
     installed = install.install_fused_kernels(model)
     assert len(installed) == 3, installed  # RMSNorm, the gated MLP and rotary all in place
