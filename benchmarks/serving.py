@@ -123,6 +123,18 @@ async def run_request(client: httpx.AsyncClient, args: argparse.Namespace, model
     return result
 
 
+# One request alone per prompt length, before the concurrent warm-up: the server's engine then
+# compiles every Triton kernel version (one per class of the step's longest query) before the
+# measured requests, as benchmarks.throughput.warm_up does (the same lengths).
+WARMUP_PROMPT_LENGTHS = (2, 3, 5, 9, 17, 33, 65, 129, 520)
+
+
+async def _warm_up_shape_classes(client: httpx.AsyncClient, args: argparse.Namespace, model: str) -> None:
+    for length in WARMUP_PROMPT_LENGTHS:
+        single = argparse.Namespace(**{**vars(args), "input_len": length, "output_len": 4, "num_prompts": 1})
+        await run_request(client, single, model, make_prompts(single)[0])  # a refusal (too long) is fine
+
+
 async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency or args.num_prompts, max_keepalive_connections=None)
@@ -144,6 +156,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 return await run_request(client, args, model, prompt)
 
         if args.warmup:
+            await _warm_up_shape_classes(client, args, model)
             await asyncio.gather(*(limited(p) for p in prompts[: args.warmup]))
         tasks = []
         start = time.perf_counter()

@@ -48,7 +48,7 @@ def test_structured_cost_compares_equal_token_counts(tmp_path):
 
 def test_serving_launches_measures_and_stops_its_own_server(tmp_path):
     out = tmp_path / "serving.json"
-    argv = ["--launch", "--device cpu --num-kv-blocks 128", "--num-prompts", "4", "--concurrency", "2"]
+    argv = ["--launch", "--device cpu --num-kv-blocks 128", "--num-prompts", "4", "--concurrency", "2", "--warmup", "1"]
     assert serving.main([*argv, "--input-len", "8", "--output-len", "5", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["completed"] == 4 and summary["failed"] == 0
@@ -112,6 +112,10 @@ def test_serving_stops_its_launched_server_when_terminated():
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever of its group is left
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_the_serving_warm_up_runs_the_throughput_warm_ups_shape_classes():
+    assert serving.WARMUP_PROMPT_LENGTHS == throughput.WARMUP_PROMPT_LENGTHS
 
 
 def test_profile_step_reaches_a_steady_decode_batch(tmp_path):
