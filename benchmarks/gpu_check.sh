@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# The one prepared GPU run: CUDA and Triton tests, the throughput benchmarks against the roofline,
-# serving over HTTP, a profile of one decode step, the attention microbenchmark; ends with one
-# short table.
+# The one prepared GPU run, most telling first: a short preflight; the engine on Qwen3-0.6B with
+# its roofline bound and a batch-1 decode step; the Triton kernel tests (bf16 first), then the CUDA
+# tests; transformers' baselines; Llama-3.1-8B; serving over HTTP; a profile of one decode step;
+# the attention microbenchmark. Ends with one short table.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh     # here, once: the API's and xgrammar's wheels into .whl/
 #   bash benchmarks/gpu_check.sh            # there, from the repo root (carry .whl); results in ${OUT:-/tmp/gpu_check}
+#   bash benchmarks/gpu_check.sh --tp 2     # on a machine with 2+ GPUs: adds the tensor-parallel tests and run
 #
 # Runs with the machine's own `python` (the repo on PYTHONPATH, the wheels of .whl/ if it came
-# along, installed into a scratch directory; without them serving and the xgrammar test skip). The whole run
-# stays under 8 minutes: every step has a wall-clock cap, later steps get what earlier ones left,
-# and one failing step never stops the next. Each benchmark writes its JSON as it goes, so a step
-# cut off by its cap still leaves the numbers it had.
+# along, installed into a scratch directory; without them serving and the API tests skip). The
+# whole run stays under about 8 minutes: every step has a wall-clock cap, later steps get what
+# earlier ones left, and one failing step never stops the next. Each step runs in a process group
+# of its own (setsid) that is killed whole when the step ends, so no server, engine process or
+# worker outlives its step or holds its output. Each benchmark writes its JSON as it goes, so a
+# step cut off by its cap still leaves the numbers it had.
+#
+# If the engine fails with its defaults (CUDA graphs, async scheduling), the same run is tried once
+# with --enforce-eager --no-async-scheduling, and the later steps use whichever worked.
 
 set -u
-cd "$(dirname "$0")/.."
+set +m # no job control: each step's setsid then makes the step a group of its own without forking
+cd "$(dirname "$0")/.." || exit 1
+
+TP=0
+while (($#)); do
+    case $1 in
+    --tp)
+        TP=${2:?--tp needs a GPU count}
+        shift 2
+        ;;
+    *)
+        echo "usage: bash benchmarks/gpu_check.sh [--tp N]" >&2
+        exit 2
+        ;;
+    esac
+done
 
 OUT_DIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT_DIR"
@@ -22,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
 
-TOTAL_BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"  # leaves margin under 8 minutes for the summary
+TOTAL_BUDGET_S="${GPU_CHECK_BUDGET_S:-465}" # leaves margin under 8 minutes for the summary
 START_S=$SECONDS
 STATUS_FILE="$OUT_DIR/steps.tsv"
 : >"$STATUS_FILE"
@@ -33,31 +55,48 @@ cap() {
     ((left < $1)) && echo $((left > 15 ? left : 15)) || echo "$1"
 }
 
-# step <name> <cap seconds> <command...>: runs it under timeout, logs to $OUT_DIR/<name>.log
+# step <name> <cap seconds> <command...>: runs it in a session (process group) of its own under
+# timeout, its output in $OUT_DIR/<name>.log and on stdout; then kills whatever of the group is left.
 step() {
     local name=$1 limit=$2
     shift 2
-    local began=$SECONDS
+    local began=$SECONDS log="$OUT_DIR/$name.log"
     echo
     echo "=== $name (cap ${limit}s, $((SECONDS - START_S))s elapsed) ==="
-    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
-    local rc=${PIPESTATUS[0]}
+    : >"$log"
+    # Not a process-group leader (no job control in a script), so setsid does not fork: $! is the
+    # new group's leader and its id the group's.
+    setsid timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$log" 2>&1 </dev/null &
+    local group=$!
+    tail -n +1 -f --pid="$group" "$log" 2>/dev/null
+    wait "$group"
+    local rc=$?
+    kill -KILL -- "-$group" 2>/dev/null # the server, engine process, workers: gone with their step
     local took=$((SECONDS - began))
     local verdict=ok
     ((rc == 124 || rc == 137)) && verdict="cut off at cap"
     ((rc != 0 && rc != 124 && rc != 137)) && verdict="failed (rc $rc)"
     printf '%s\t%s\t%s\n' "$name" "$took" "$verdict" >>"$STATUS_FILE"
     echo "=== $name: $verdict in ${took}s ==="
+    return "$rc"
 }
 
+skip() { # skip <name> <why>
+    printf '%s\t0\tskipped: %s\n' "$1" "$2" >>"$STATUS_FILE"
+    echo "=== $1: skipped ($2) ==="
+}
+
+# ---- 0. preflight (about 20 s) ----------------------------------------------------------------
 echo "=== environment ==="
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT_DIR/nvidia-smi.txt"
-"$PYTHON" - <<'EOF' 2>&1 | tee "$OUT_DIR/versions.txt"
+timeout 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 |
+    tee "$OUT_DIR/nvidia-smi.txt"
+timeout 60 "$PYTHON" - <<'EOF' 2>&1 | tee "$OUT_DIR/versions.txt"
 import importlib, platform
 import torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| card", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-for name in ("transformers", "triton", "pytest"):
+      "| card", torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+      "| gpus", torch.cuda.device_count())
+for name in ("transformers", "triton", "numpy", "pytest", "scipy", "fastapi", "xgrammar"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as error:  # noqa: BLE001
@@ -67,70 +106,112 @@ git rev-parse --short HEAD 2>/dev/null | tee "$OUT_DIR/commit.txt" || echo "unco
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     SITE=/tmp/sluice-site
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:$SITE" || echo "installing .whl/ failed: serving and xgrammar will skip"
+    timeout 90 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE" || echo "installing .whl/ failed: serving and the API tests will skip"
 fi
-export SLUICE_CACHE_DIR=/tmp/sluice-cache  # the demo tokenizer that serving uses is built there
+export SLUICE_CACHE_DIR=/tmp/sluice-cache # the demo tokenizer that serving uses is built there
+HAVE_PYTEST=0
+"$PYTHON" -c "import pytest" 2>/dev/null && HAVE_PYTEST=1
+# Collection errors in modules this machine cannot import (the API tests need fastapi) must not
+# stop the others; -v: one line per test, so a run cut off at its cap still reports what ran.
+PYTEST=("$PYTHON" -m pytest -v -p no:cacheprovider --continue-on-collection-errors -o addopts="")
+KERNEL_TESTS=(tests/test_triton_attention.py tests/test_fused_kernels.py tests/test_fused_sampler.py
+    tests/test_cuda_graphs.py tests/test_kernel_specialization.py)
 
-# 1. CUDA and Triton tests. Collection errors in modules this machine cannot import (the API tests
-# need fastapi) must not stop the GPU tests from running.
-if "$PYTHON" -c "import pytest" 2>/dev/null; then
-    # Most telling first (a cut-off run still reports them), one line per test.
-    step tests "$(cap 100 360)" "$PYTHON" -m pytest -v -m "cuda or triton" -p no:cacheprovider \
-        --continue-on-collection-errors -o addopts="" --junitxml="$OUT_DIR/tests.xml" \
-        tests/test_cuda.py tests/test_fused_kernels.py tests/test_fused_sampler.py tests/test_engine_parity.py \
-        tests/test_triton_attention.py tests
-else
-    printf 'tests\t0\tskipped: pytest missing\n' >>"$STATUS_FILE"
-fi
-
-# 2. Qwen3-0.6B: engine, the bound, batch-1 decode, then transformers' static generate and its
-# continuous batching on the same model. Each transformers baseline gets at most 35 s; a cut-off
-# run reports its rate over the part that ran (marked partial).
-step qwen3-0.6b "$(cap 160 210)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
-    --hf-time-limit 35 --json "$OUT_DIR/qwen3-0.6b.json"
-engine_ok() {  # the JSON holds an engine result without an error
+# ---- 1. the engine on Qwen3-0.6B: throughput, the bound, batch-1 decode ------------------------
+ENGINE_FLAGS=() # what worked, for every later engine
+engine_ok() {   # the JSON holds an engine result without an error
     "$PYTHON" -c 'import json, sys; e = json.load(open(sys.argv[1]))["systems"].get("engine") or {}
 sys.exit(0 if e and not e.get("error") else 1)' "$1" 2>/dev/null
 }
+step qwen3-0.6b "$(cap 170 300)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b --systems engine \
+    --json "$OUT_DIR/qwen3-0.6b.json"
 if ! engine_ok "$OUT_DIR/qwen3-0.6b.json"; then
-    # Async scheduling has not run on a GPU before this script's first run: if the engine failed,
-    # measure it once with synchronous scheduling so the run still yields a number.
-    step qwen3-0.6b-sync "$(cap 60 210)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
-        --systems engine --no-async-scheduling --no-roofline --json "$OUT_DIR/qwen3-0.6b-sync.json"
+    # Neither CUDA graphs nor async scheduling has run on a GPU before this script's first run:
+    # measure once without both, so the run still yields a number and the later steps a setting.
+    FALLBACK=(--enforce-eager --no-async-scheduling)
+    fallback_cap=$(cap 120 200)
+    ((fallback_cap < 60)) && fallback_cap=60 # a cold build, the warm-up and the run: never less
+    step qwen3-0.6b-eager-sync "$fallback_cap" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
+        --systems engine "${FALLBACK[@]}" --json "$OUT_DIR/qwen3-0.6b-eager-sync.json"
+    engine_ok "$OUT_DIR/qwen3-0.6b-eager-sync.json" && ENGINE_FLAGS=("${FALLBACK[@]}")
+fi
+echo "engine flags for the later steps: ${ENGINE_FLAGS[*]:-(defaults)}"
+
+# ---- 2. tensor parallelism (--tp N only) -------------------------------------------------------
+if ((TP > 1)); then
+    if ((HAVE_PYTEST)); then
+        step tp-tests "$(cap 90 200)" "${PYTEST[@]}" tests/test_tensor_parallel.py
+    else
+        skip tp-tests "pytest missing"
+    fi
+    step "qwen3-0.6b-tp$TP" "$(cap 120 180)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b --systems engine \
+        --tensor-parallel-size "$TP" "${ENGINE_FLAGS[@]}" --json "$OUT_DIR/qwen3-0.6b-tp$TP.json"
 fi
 
-# 3. Llama-3.1-8B: the engine and its bound only.
-step llama-3.1-8b "$(cap 90 120)" "$PYTHON" -m benchmarks.throughput --preset llama-3.1-8b \
-    --systems engine --json "$OUT_DIR/llama-3.1-8b.json"
+# ---- 3. kernel tests, bf16 first; then the CUDA tests ------------------------------------------
+if ((HAVE_PYTEST)); then
+    # The fp32 configs of the prefill kernels compile for 3-28 s each: after the rest, capped apart.
+    step kernel-tests "$(cap 90 260)" "${PYTEST[@]}" -m "cuda or triton" -k "not fp32" "${KERNEL_TESTS[@]}" \
+        --junitxml="$OUT_DIR/kernel-tests.xml"
+    step kernel-tests-fp32 "$(cap 45 230)" "${PYTEST[@]}" -m "cuda or triton" -k "fp32" "${KERNEL_TESTS[@]}" \
+        --junitxml="$OUT_DIR/kernel-tests-fp32.xml"
+    step cuda-tests "$(cap 90 200)" "${PYTEST[@]}" -m "cuda or triton" tests/test_cuda.py tests/test_engine_parity.py \
+        tests/test_sampler.py --junitxml="$OUT_DIR/cuda-tests.xml"
+    # Control tokens in messages must stay text on this machine's transformers too (issue 11).
+    step control-token-tests "$(cap 45 180)" "${PYTEST[@]}" -k control_token tests
+else
+    skip tests "pytest missing"
+fi
 
-# 4. Serving over HTTP: the server on the Qwen3-0.6B config (dummy weights, the demo tokenizer so
-# text is detokenized as in production), streaming clients at a fixed concurrency.
+# ---- 4. transformers' baselines on the same model (each cut at 35 s, reported as partial) -------
+step qwen3-0.6b-baselines "$(cap 100 130)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
+    --systems hf-generate,hf-generate-batch --no-roofline --hf-time-limit 35 --json "$OUT_DIR/qwen3-0.6b-baselines.json"
+
+# ---- 5. Llama-3.1-8B: the engine and its bound --------------------------------------------------
+step llama-3.1-8b "$(cap 90 85)" "$PYTHON" -m benchmarks.throughput --preset llama-3.1-8b --systems engine \
+    "${ENGINE_FLAGS[@]}" --json "$OUT_DIR/llama-3.1-8b.json"
+
+# ---- 6. serving over HTTP on the Qwen3-0.6B config (dummy weights, the demo tokenizer) ----------
 if "$PYTHON" -c "import fastapi, uvicorn" 2>/dev/null; then
     mkdir -p /tmp/sluice-qwen3 && cp configs/models/qwen3-0.6b.json /tmp/sluice-qwen3/config.json
+    serve_config=configs/h100-qwen3-0.6b.yaml
+    if ((${#ENGINE_FLAGS[@]})); then # the server has no scheduling flag: the fallback goes in its YAML
+        serve_config=/tmp/sluice-qwen3/serve.yaml
+        { cat configs/h100-qwen3-0.6b.yaml; printf 'enforce_eager: true\nasync_scheduling: false\n'; } >"$serve_config"
+    fi
     tokenizer=$("$PYTHON" -c "from engine.demo_model import demo_model_path; print(demo_model_path())")
-    step serving "$(cap 70 50)" "$PYTHON" -m benchmarks.serving --launch "--config configs/h100-qwen3-0.6b.yaml \
-        --model /tmp/sluice-qwen3 --load-format dummy --tokenizer $tokenizer --log-level warning" \
+    step serving "$(cap 75 65)" "$PYTHON" -m benchmarks.serving --launch "--config $serve_config \
+        --model /tmp/sluice-qwen3 --load-format dummy --tokenizer $tokenizer --log-level warning --shutdown-timeout 3" \
         --num-prompts 512 --concurrency 128 --input-len 512 --output-len 256 --warmup 8 --json "$OUT_DIR/serving.json"
 else
-    printf 'serving\t0\tskipped: fastapi/uvicorn missing (carry .whl, see fetch_gpu_wheels.sh)\n' >>"$STATUS_FILE"
+    skip serving "fastapi/uvicorn missing (carry .whl, see fetch_gpu_wheels.sh)"
 fi
 
-# 5. Where a steady decode step's GPU time goes (256 sequences at 1024 tokens), against its bound.
-step profile "$(cap 35 15)" "$PYTHON" -m benchmarks.profile_step --batch 256 --context 1024 --steps 10 \
-    --json "$OUT_DIR/profile.json"
+# ---- 7. where a steady decode step's GPU time goes (256 sequences at 1024 tokens) ---------------
+profile_flags=()
+((${#ENGINE_FLAGS[@]})) && profile_flags=(--enforce-eager --sync)
+# max_model_len 4096 as in step 1: the same decode graphs, so their kernels come from Triton's cache.
+step profile "$(cap 60 20)" "$PYTHON" -m benchmarks.profile_step --batch 256 --context 1024 --steps 10 \
+    --max-model-len 4096 "${profile_flags[@]}" --json "$OUT_DIR/profile.json"
 
-# 6. The attention kernels on their own, with whatever time is left.
+# ---- 8. the attention kernels on their own, with whatever time is left --------------------------
 step attention-kernels "$(cap 25 0)" "$PYTHON" -m benchmarks.attention_kernels
 
+# ---- summary ------------------------------------------------------------------------------------
 echo
-echo "=== summary ($(cat "$OUT_DIR/nvidia-smi.txt" 2>/dev/null | head -1), commit $(cat "$OUT_DIR/commit.txt")) ==="
-tests_line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|passed|failed|error" "$OUT_DIR/tests.log" 2>/dev/null | tail -1)
-echo "tests: ${tests_line:-no result}"
-summaries=("$OUT_DIR/qwen3-0.6b.json" "$OUT_DIR/llama-3.1-8b.json")
-[[ -f "$OUT_DIR/qwen3-0.6b-sync.json" ]] && summaries+=("$OUT_DIR/qwen3-0.6b-sync.json")
-"$PYTHON" -m benchmarks.report "${summaries[@]}" 2>&1 | tee "$OUT_DIR/summary.md"
-"$PYTHON" - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$OUT_DIR/summary.md"
+echo "=== summary ($(head -1 "$OUT_DIR/nvidia-smi.txt" 2>/dev/null), commit $(cat "$OUT_DIR/commit.txt")) ==="
+for log in kernel-tests kernel-tests-fp32 cuda-tests control-token-tests tp-tests; do
+    [[ -f "$OUT_DIR/$log.log" ]] || continue
+    line=$(grep -E "^=+ .*(passed|failed|error|skipped|deselected|no tests ran).* =+$" "$OUT_DIR/$log.log" | tail -1)
+    echo "$log: ${line:-no result}"
+done
+summaries=()
+for name in qwen3-0.6b qwen3-0.6b-eager-sync "qwen3-0.6b-tp$TP" qwen3-0.6b-baselines llama-3.1-8b; do
+    [[ -f "$OUT_DIR/$name.json" ]] && summaries+=("$OUT_DIR/$name.json")
+done
+((${#summaries[@]})) && timeout 60 "$PYTHON" -m benchmarks.report "${summaries[@]}" 2>&1 | tee "$OUT_DIR/summary.md"
+timeout 60 "$PYTHON" - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$OUT_DIR/summary.md"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -152,4 +233,4 @@ echo "|---|---|---|"
 while IFS=$'\t' read -r name took verdict; do
     echo "| $name | $took | $verdict |"
 done <"$STATUS_FILE"
-echo "total: $((SECONDS - START_S))s; files in $OUT_DIR"
+echo "engine flags: ${ENGINE_FLAGS[*]:-(defaults)}; total: $((SECONDS - START_S))s; files in $OUT_DIR"

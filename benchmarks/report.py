@@ -9,8 +9,9 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from benchmarks.workload import Preset, Report, SystemResult
+from benchmarks.workload import PRESETS, Preset, Report, SystemResult
 
 
 def format_table(results: list[SystemResult], engine_rate: float | None) -> Iterator[str]:
@@ -61,46 +62,85 @@ def print_targets(preset: Preset, results: list[SystemResult], engine_rate: floa
 
 
 def summarize(paths: list[str]) -> list[str]:
-    """One short table over several --json reports (gpu_check.sh ends with it)."""
+    """One short table over several --json reports (gpu_check.sh ends with it), a row label per file.
+
+    A report without an engine (transformers' baselines, run apart from the engine) is compared with
+    the first working engine of the same preset in an earlier report, targets included."""
     lines = [
-        "| preset | system | output tok/s | vs engine | share of bound | note |",
+        "| run | system | output tok/s | vs engine | share of bound | note |",
         "|---|---|---|---|---|---|",
     ]
+    engine_rates: dict[str, float] = {}
     for path in paths:
+        label = Path(path).stem
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
-            lines.append(f"| {Path(path).stem} | - | - | - | - | unreadable: {error} |")
+            lines.append(f"| {label} | - | - | - | - | unreadable: {error} |")
             continue
-        preset = data.get("run", {}).get("preset", Path(path).stem)
+        preset = data.get("run", {}).get("preset", label)
         systems = data.get("systems", {})
-        engine = systems.get("engine", {})
-        engine_rate = None if engine.get("error") else engine.get("tokens_per_s")
-        for name, row in systems.items():
-            if row.get("error"):
-                lines.append(f"| {preset} | {name} | error | - | - | {row['error'][:120]} |")
-                continue
-            rate = row["tokens_per_s"]
-            ratio = f"{rate / engine_rate:.2f}x" if engine_rate else "-"
-            share = ""
-            bound = data.get("roofline", {})
-            if name == "engine" and bound.get("engine_share") is not None:
-                share = f"{bound['engine_share']:.1%} of {bound['bound']['tokens_per_s']:,.0f}"
-            note = ("partial; " if row.get("partial") else "") + row.get("note", "")
-            lines.append(f"| {preset} | {name} | {rate:,.0f} | {ratio} | {share} | {note[:120]} |")
-        batch1 = data.get("decode_batch1")
-        if batch1:
-            lines.append(
-                f"| {preset} | decode batch 1 | {batch1['seconds_per_step'] * 1e3:.3f} ms/step | - | "
-                f"{batch1['ratio']:.2f}x weight time | weights/bandwidth "
-                f"{batch1['weights_over_bandwidth_s'] * 1e3:.3f} ms |"
-            )
-        if data.get("roofline_error"):
-            lines.append(f"| {preset} | roofline | error | - | - | {data['roofline_error'][:120]} |")
-        for target in data.get("targets", []):
-            status = "met" if target["met"] else "MISSED"
-            name, value = target["name"], target["value"]
-            lines.append(f"| {preset} | target: {name} | {value} | - | - | {target['target']} {status} |")
+        engine = systems.get("engine")
+        if engine is not None:
+            engine_rate = None if engine.get("error") else engine.get("tokens_per_s")
+            if engine_rate:
+                engine_rates.setdefault(preset, engine_rate)
+        else:
+            engine_rate = engine_rates.get(preset)
+        lines += _rows(label, data, systems, engine_rate)
+        if engine is None and engine_rate:
+            lines += _baseline_targets(label, preset, systems, engine_rate)
+    return lines
+
+
+def _baseline_targets(label: str, preset: str, systems: dict[str, Any], engine_rate: float) -> list[str]:
+    targets = PRESETS[preset].targets if preset in PRESETS else {}
+    lines = []
+    for name, row in systems.items():
+        target = targets.get(name)
+        if target is None or row.get("error") or not row.get("tokens_per_s"):
+            continue
+        speedup = engine_rate / row["tokens_per_s"]
+        status = "met" if speedup >= target else "MISSED"
+        lines.append(f"| {label} | target: engine / {name} | {speedup:.2f}x | - | - | >= {target}x {status} |")
+    return lines
+
+
+def _rows(label: str, data: dict[str, Any], systems: dict[str, Any], engine_rate: float | None) -> list[str]:
+    """The report's own rows: one per system, its engine steps, batch-1 decode, its targets."""
+    lines = []
+    for name, row in systems.items():
+        if row.get("error"):
+            lines.append(f"| {label} | {name} | error | - | - | {row['error'][:120]} |")
+            continue
+        rate = row["tokens_per_s"]
+        ratio = f"{rate / engine_rate:.2f}x" if engine_rate else "-"
+        share = ""
+        bound = data.get("roofline", {})
+        if name == "engine" and bound.get("engine_share") is not None:
+            share = f"{bound['engine_share']:.1%} of {bound['bound']['tokens_per_s']:,.0f}"
+        note = ("partial; " if row.get("partial") else "") + row.get("note", "")
+        lines.append(f"| {label} | {name} | {rate:,.0f} | {ratio} | {share} | {note[:120]} |")
+    steps = data.get("engine_steps")
+    if steps:
+        # A Triton compile inside the timed run shows as a longest step of a second or so.
+        lines.append(
+            f"| {label} | engine steps | {steps['steps']} steps | - | - | longest {steps['longest_ms']:.1f} ms "
+            f"(step {steps['longest_index']}), median {steps['median_ms']:.1f} ms |"
+        )
+    batch1 = data.get("decode_batch1")
+    if batch1:
+        lines.append(
+            f"| {label} | decode batch 1 | {batch1['seconds_per_step'] * 1e3:.3f} ms/step | - | "
+            f"{batch1['ratio']:.2f}x weight time | weights/bandwidth "
+            f"{batch1['weights_over_bandwidth_s'] * 1e3:.3f} ms |"
+        )
+    if data.get("roofline_error"):
+        lines.append(f"| {label} | roofline | error | - | - | {data['roofline_error'][:120]} |")
+    for target in data.get("targets", []):
+        status = "met" if target["met"] else "MISSED"
+        name, value = target["name"], target["value"]
+        lines.append(f"| {label} | target: {name} | {value} | - | - | {target['target']} {status} |")
     return lines
 
 

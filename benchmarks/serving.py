@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,6 +123,18 @@ async def run_request(client: httpx.AsyncClient, args: argparse.Namespace, model
     return result
 
 
+# One request alone per prompt length, before the concurrent warm-up: the server's engine then
+# compiles every Triton kernel version (one per class of the step's longest query) before the
+# measured requests, as benchmarks.throughput.warm_up does (the same lengths).
+WARMUP_PROMPT_LENGTHS = (2, 3, 5, 9, 17, 33, 65, 129, 520)
+
+
+async def _warm_up_shape_classes(client: httpx.AsyncClient, args: argparse.Namespace, model: str) -> None:
+    for length in WARMUP_PROMPT_LENGTHS:
+        single = argparse.Namespace(**{**vars(args), "input_len": length, "output_len": 4, "num_prompts": 1})
+        await run_request(client, single, model, make_prompts(single)[0])  # a refusal (too long) is fine
+
+
 async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency or args.num_prompts, max_keepalive_connections=None)
@@ -143,6 +156,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 return await run_request(client, args, model, prompt)
 
         if args.warmup:
+            await _warm_up_shape_classes(client, args, model)
             await asyncio.gather(*(limited(p) for p in prompts[: args.warmup]))
         tasks = []
         start = time.perf_counter()
@@ -298,8 +312,24 @@ def launched_server(serve_flags: str, timeout: float) -> Iterator[str]:
                 process.wait()
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # Raised in the main thread: asyncio.run cancels the clients, and the launched server (if any)
+    # is stopped by launched_server's `finally` instead of being left running.
+    raise SystemExit(f"benchmarks.serving: stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         print("--num-prompts, --input-len and --output-len must be >= 1", file=sys.stderr)
         return 2

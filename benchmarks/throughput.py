@@ -64,31 +64,108 @@ def _warmup_requests(vocab_size: int, count: int, max_len: int) -> list[list[int
     return [[rng.randrange(id_limit) for _ in range(rng.randint(4, max_len))] for _ in range(count)]
 
 
-def run_engine(llm, workloads: list[list[list[int]]], output_lens: list[int], temperature: float) -> SystemResult:
+# Prompt lengths of the warm-up's single-request runs. Triton compiles one version of the attention
+# kernel per tile shape, which follows the step's longest query rounded up to a power of two (up to
+# 128 rows of heads x tokens), so each length below starts a step of its own class; 520 also makes
+# the decode at batch 1 split its keys (flash-decoding) once the context passes four key tiles.
+WARMUP_PROMPT_LENGTHS = (2, 3, 5, 9, 17, 33, 65, 129, 520)
+
+
+def warm_up(llm, temperature: float, batch_size: int = 8) -> None:
+    """Runs every kernel version a benchmark run needs before it is timed, so that no Triton compile
+    (0.5-2 s each, the GPU idle meanwhile) lands inside the timed window: a prefill step of each
+    query-length class, decode at batch 1 over short and long contexts, then a mixed batch.
+    tests/test_kernel_specialization.py replays the qwen3-0.6b and llama-3.1-8b runs to check it."""
+    from engine import SamplingParams
+
+    engine = llm.engine
+    rng = random.Random(12345)
+    id_limit = min(PROMPT_ID_LIMIT, engine.vocab_size)
+    single = SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True)
+    for length in WARMUP_PROMPT_LENGTHS:
+        length = max(1, min(length, engine.max_model_len - single.max_tokens))
+        llm.generate([[rng.randrange(id_limit) for _ in range(length)]], single)
+    batch = _warmup_requests(engine.vocab_size, batch_size, 64)
+    llm.generate(batch, SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True))
+
+
+class StepTimer:
+    """Times each engine step while active: a kernel compiled inside a timed run shows as one step
+    far longer than the rest (with async scheduling a step's time is the host's, which is where a
+    compile stalls)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> StepTimer:
+        step = self.engine.step
+
+        def timed_step():
+            start = time.perf_counter()
+            try:
+                return step()
+            finally:
+                self.seconds.append(time.perf_counter() - start)
+
+        self.engine.step = timed_step
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        del self.engine.step  # back to the class's method
+
+    def longest(self) -> tuple[int, float]:
+        """(index, seconds) of the longest step; (-1, 0.0) when none ran."""
+        if not self.seconds:
+            return -1, 0.0
+        index = max(range(len(self.seconds)), key=self.seconds.__getitem__)
+        return index, self.seconds[index]
+
+
+def run_engine(
+    llm,
+    workloads: list[list[list[int]]],
+    output_lens: list[int],
+    temperature: float,
+    report: Report | None = None,
+) -> SystemResult:
     from engine import SamplingParams
 
     device = llm.engine.device
-    vocab_size = llm.engine.vocab_size
-    # A short run with prefill and decode at a few batch sizes, so kernels are compiled before timing.
-    warmup = _warmup_requests(vocab_size, min(8, len(workloads[0])), 64)
-    llm.generate(warmup, SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True))
+    warm_up(llm, temperature, batch_size=min(8, len(workloads[0])))
     params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in output_lens]
     runs = []
+    step_times = []
     for prompts in workloads:
         load_before = os.getloadavg()[0]
         sync_device(device)
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        sync_device(device)
-        seconds = time.perf_counter() - start
+        with StepTimer(llm.engine) as timer:
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            sync_device(device)
+            seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         notes = [] if tokens == sum(output_lens) else [f"generated {tokens} tokens, {sum(output_lens)} requested"]
         stats = llm.stats()
         notes.append(f"preemptions {stats.get('num_preemptions', 0)}")
+        index, longest = timer.longest()
+        median = sorted(timer.seconds)[len(timer.seconds) // 2] if timer.seconds else 0.0
+        # A compile inside the timed window shows as one step of a second or so.
+        notes.append(f"longest step {longest * 1e3:.1f} ms (median {median * 1e3:.1f})")
         if device.type == "cpu":
             notes.append(f"load {load_before:.1f}")
         runs.append(SystemResult("engine", tokens, seconds, note="; ".join(notes)))
+        step_times.append(
+            {
+                "steps": len(timer.seconds),
+                "longest_ms": longest * 1e3,
+                "longest_index": index,
+                "median_ms": median * 1e3,
+            }
+        )
     result = best_of(runs)
+    if report is not None:
+        report.set("engine_steps", step_times[runs.index(result)])
     result.note += f"; kv blocks {llm.stats()['kv_blocks_total']}"
     return result
 
@@ -358,7 +435,7 @@ def _engine_stage(
         report.add_system(result)
         return None
     report.set("engine_build_seconds", time.perf_counter() - start)
-    engine_result = _guarded("engine", lambda: run_engine(llm, workloads, output_lens, args.temperature))
+    engine_result = _guarded("engine", lambda: run_engine(llm, workloads, output_lens, args.temperature, report))
     if args.tensor_parallel_size > 1:
         llm.shutdown()  # stops the workers; nothing below uses the sharded model
     results.append(engine_result)

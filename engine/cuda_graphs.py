@@ -5,12 +5,20 @@ cost. Graphs are captured at bucketed batch sizes over static input buffers; a s
 replays the smallest bucket >= n, with padding rows that write to no KV slot. Prefill and mixed
 steps run eagerly. Only the Triton attention backend can be captured: it never syncs with the host
 and sizes its grid from upper bounds.
+
+Every graph writes its logits into the first rows of one shared buffer: a graph's own output
+stays allocated in the graph pool as long as the graph lives, and one per bucket came to about
+666 MB at Qwen3's vocabulary (20 buckets), more than the KV sizing's headroom. Each graph copies
+its logits there (about 40 us at 256 rows of 151,936) and lets its own output go, so the pool
+reuses that memory for the next, smaller graph. Sharing is safe because the logits of a step are
+sampled (on the same stream) before the next step's graph is replayed.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -40,10 +48,12 @@ class DecodeGraphRunner:
         self.slot_mapping = torch.full((size,), -1, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(size, runner.max_blocks_per_seq, dtype=torch.int32, device=device)
+        # As wide as any step's table (the model runner rounds widths up to multiples of 16).
+        width = -(-runner.max_blocks_per_seq // 16) * 16
+        self.block_tables = torch.zeros(size, width, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(size, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, _Replayable] = {}
+        self.logits: torch.Tensor | None = None  # [max_batch_size, vocab]: every graph's output rows
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch_size and bool(self.graphs)
@@ -63,26 +73,22 @@ class DecodeGraphRunner:
         if self.runner.backend != "triton":
             logger.info("CUDA graphs need the Triton attention backend; decode runs eagerly")
             return
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        # Largest first, so smaller graphs reuse the largest one's memory pool.
+        capturer = _new_capturer()
+        # Largest first: the shared logits buffer takes the largest graph's shape, and smaller
+        # graphs reuse the largest one's memory pool.
         for size in reversed(self.buckets):
-            args = (
-                self.input_ids[:size],
-                self.positions[:size],
-                self._metadata(size),
-                self.logits_indices[:size],
-            )
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.runner.forward(*args)  # warm-up: compiles kernels, settles the allocator
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[size] = self.runner.forward(*args)
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+            self.graphs[size] = capturer.capture(lambda size=size: self._forward_into_shared_logits(size))
+        capturer.finish()
         logger.info("Captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def _forward_into_shared_logits(self, size: int) -> None:
+        logits = self.runner.forward(
+            self.input_ids[:size], self.positions[:size], self._metadata(size), self.logits_indices[:size]
+        )
+        if self.logits is None:  # the first call: the largest bucket's warm-up, outside any capture
+            assert size == self.max_batch_size
+            self.logits = torch.empty_like(logits)
+        self.logits[:size].copy_(logits)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         n = inputs.input_ids.shape[0]
@@ -100,4 +106,34 @@ class DecodeGraphRunner:
             self.seq_lens[n:size].fill_(1)
             self.block_tables[n:size, 0].fill_(0)
         self.graphs[size].replay()
-        return self.logits[size][:n]
+        return self.logits[:n]
+
+
+class _Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+class _CudaGraphCapturer:
+    """Captures callables into CUDA graphs that share one memory pool."""
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+
+    def capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            fn()  # warm-up: compiles kernels, settles the allocator
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        return graph
+
+    def finish(self) -> None:
+        torch.cuda.synchronize()
+
+
+def _new_capturer() -> _CudaGraphCapturer:
+    # A function of its own so that CPU tests can capture "graphs" that replay eagerly.
+    return _CudaGraphCapturer()

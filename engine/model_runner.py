@@ -135,13 +135,10 @@ def unpack_step(
     starts, sequence lengths, block tables). One tensor: one host-to-device copy, one broadcast.
     `with_host_lists` copies query starts and sequence lengths to the host (the torch reference
     attention loops over them), which syncs on a GPU."""
-    num_tokens, num_seqs = layout.num_tokens, layout.num_seqs
-    num_longs = 3 * num_tokens + layout.num_sampled + 2 * layout.num_inflight
-    longs, ints = packed[: 2 * num_longs].view(torch.int64), packed[2 * num_longs :]
-    input_ids, positions, slots, logits_indices, inflight = longs.split(
-        [num_tokens, num_tokens, num_tokens, layout.num_sampled, 2 * layout.num_inflight]
-    )
-    query_start_loc, seq_lens, block_tables = ints.split([num_seqs + 1, num_seqs, num_seqs * layout.max_blocks])
+    num_seqs = layout.num_seqs
+    views = [packed[start : start + length] for start, length in _section_spans(layout)]
+    input_ids, positions, slots, logits_indices, inflight = (view.view(torch.int64) for view in views[:5])
+    query_start_loc, seq_lens, block_tables = views[5:]
     metadata = AttentionMetadata(
         slot_mapping=slots,
         query_start_loc=query_start_loc,
@@ -265,7 +262,9 @@ class ModelRunner:
         for length in lengths:
             starts.append(starts[-1] + length)
         total = starts[-1]
-        block_tables = torch.zeros(num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        # As wide as a step's table can be, so that the kernel versions compiled here serve the steps.
+        width = _round_up(self.max_blocks_per_seq, 16)
+        block_tables = torch.zeros(num_seqs, width, dtype=torch.int32, device=self.device)
         metadata = AttentionMetadata(
             slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=self.device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
@@ -332,8 +331,10 @@ class ModelRunner:
         logits_indices = query_start_loc[1:][sampled_rows] - 1
 
         block_counts = [len(r.block_ids) for r in batch.requests]
-        max_blocks = max(block_counts)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        # The width is the kernels' row stride: a multiple of 16 keeps Triton's specialization of it
+        # (divisible by 16, or 1) the same in every step, so no step compiles a new kernel version.
+        table_width = _round_up(max(block_counts), 16)
+        block_tables = np.zeros((num_seqs, table_width), dtype=np.int32)
         for row, request in enumerate(batch.requests):
             block_tables[row, : block_counts[row]] = request.block_ids
 
@@ -350,21 +351,21 @@ class ModelRunner:
             num_sampled=len(sampled),
             num_inflight=num_inflight,
             num_seqs=num_seqs,
-            max_blocks=max_blocks,
+            max_blocks=table_width,
             max_query_len=int(num_new.max()),
             max_seq_len=int(ends.max()),
         )
-        longs = np.concatenate(
-            [
-                np.asarray(token_ids, dtype=np.int64),
-                positions,
-                slot_mapping,
-                logits_indices,
-                np.asarray(inflight_positions + inflight_sources, dtype=np.int64),
-            ]
-        )
-        ints = np.concatenate([query_start_loc.astype(np.int32), ends.astype(np.int32), block_tables.ravel()])
-        packed = host_to_device(torch.from_numpy(np.concatenate([longs.view(np.int32), ints])), self.device)
+        sections = [
+            np.asarray(token_ids, dtype=np.int64),
+            positions,
+            slot_mapping,
+            logits_indices,
+            np.asarray(inflight_positions + inflight_sources, dtype=np.int64),
+            query_start_loc.astype(np.int32),
+            ends.astype(np.int32),
+            block_tables.ravel(),
+        ]
+        packed = host_to_device(torch.from_numpy(_pack_aligned(sections, _section_spans(layout))), self.device)
         input_ids, positions_d, metadata, logits_d, inflight_d = unpack_step(packed, layout, with_host_lists=False)
         if num_inflight:  # written before any reader: the forward, and a TP broadcast of `packed`
             input_ids.index_copy_(
@@ -460,6 +461,44 @@ class ModelRunner:
         self._last_sampled = output.token_ids
         self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
         return LaunchedStep(forward.sampled_requests, output, forward.prompt_logprobs)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# Every section of the packed step tensor starts at a multiple of 16 bytes from its start (which
+# the allocators align far more): Triton specializes pointer arguments on 16-byte alignment, and a
+# section whose offset followed the batch size would flip it from step to step (a new compile).
+_SECTION_ALIGNMENT_INT32 = 4
+
+
+def _section_spans(layout: StepLayout) -> list[tuple[int, int]]:
+    """(offset, length) in int32 elements of each section of the packed step tensor: input ids,
+    positions, slot mapping, logits indices, in-flight rows (int64, two int32 each), then query
+    starts, sequence lengths, block tables (int32). Rank 0 and the TP workers both derive it from
+    the layout, so only the layout's few ints travel besides the tensor."""
+    num_tokens, num_seqs = layout.num_tokens, layout.num_seqs
+    lengths = [
+        *(2 * n for n in (num_tokens, num_tokens, num_tokens, layout.num_sampled, 2 * layout.num_inflight)),
+        num_seqs + 1,
+        num_seqs,
+        num_seqs * layout.max_blocks,
+    ]
+    spans, offset = [], 0
+    for length in lengths:
+        spans.append((offset, length))
+        offset += _round_up(length, _SECTION_ALIGNMENT_INT32)
+    return spans
+
+
+def _pack_aligned(sections: list[np.ndarray], spans: list[tuple[int, int]]) -> np.ndarray:
+    """One int32 buffer holding the sections (int64 ones as int32 pairs) at their spans."""
+    last_start, last_length = spans[-1]
+    buffer = np.zeros(last_start + _round_up(last_length, _SECTION_ALIGNMENT_INT32), dtype=np.int32)
+    for section, (start, length) in zip(sections, spans):
+        buffer[start : start + length] = section.view(np.int32) if section.dtype == np.int64 else section
+    return buffer
 
 
 def _pick_backend(requested: str, device: torch.device) -> str:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 
 from benchmarks import profile_step, report, serving, structured_cost, throughput
-from benchmarks.workload import make_workload
+from benchmarks.workload import REPO_ROOT, make_workload
 from engine.demo_model import demo_model_path
 
 
@@ -20,10 +29,14 @@ def test_throughput_runs_every_system_on_the_same_workload(tmp_path):
     for name, result in systems.items():
         assert result["error"] is None, name
         assert result["output_tokens"] == sum(output_lens), name
-    # The summary gpu_check.sh ends with: a row per system, then the preset's targets.
+    # Every timed engine step was timed, so that a compile inside the run would show.
+    steps = json.loads(out.read_text())["engine_steps"]
+    assert steps["steps"] > 0 and steps["longest_ms"] >= steps["median_ms"] > 0
+    # The summary gpu_check.sh ends with: a row per system, the engine's steps, then the preset's targets.
     names = [row.split(" | ")[1] for row in report.summarize([str(out)])[2:]]
     assert names[: len(systems)] == list(systems)
-    assert all(name.startswith("target: ") for name in names[len(systems) :])
+    assert names[len(systems)] == "engine steps"
+    assert all(name.startswith("target: ") for name in names[len(systems) + 1 :])
 
 
 def test_structured_cost_compares_equal_token_counts(tmp_path):
@@ -35,11 +48,74 @@ def test_structured_cost_compares_equal_token_counts(tmp_path):
 
 def test_serving_launches_measures_and_stops_its_own_server(tmp_path):
     out = tmp_path / "serving.json"
-    argv = ["--launch", "--device cpu --num-kv-blocks 128", "--num-prompts", "4", "--concurrency", "2"]
+    argv = ["--launch", "--device cpu --num-kv-blocks 128", "--num-prompts", "4", "--concurrency", "2", "--warmup", "1"]
     assert serving.main([*argv, "--input-len", "8", "--output-len", "5", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["completed"] == 4 and summary["failed"] == 0
     assert summary["total_output_tokens"] == 4 * 5  # ignore_eos: every request ran to --output-len
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (name) state ppid ...": the name may hold spaces, so split after its ")".
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_serving_stops_its_launched_server_when_terminated():
+    """gpu_check.sh ends a step with SIGTERM at its cap: the client must stop its server, not orphan it."""
+    launch = "--device cpu --num-kv-blocks 128 --shutdown-timeout 1"
+    command = [sys.executable, "-m", "benchmarks.serving", "--launch", launch, "--num-prompts", "100000"]
+    command += ["--concurrency", "2", "--input-len", "8", "--output-len", "64"]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        server = None
+        while server is None and time.monotonic() < deadline:  # the server it launched, and its port
+            for pid in _descendants(process.pid):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"--port" in argv:
+                    server, port = pid, int(argv[argv.index(b"--port") + 1])
+            time.sleep(0.2)
+        assert server is not None, "the server was never launched"
+        while time.monotonic() < deadline:  # serving, with requests in flight
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        time.sleep(1.0)
+        launched = _descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 1 and "stopped by signal 15" in output, output[-2000:]
+        assert not [pid for pid in launched if _alive(pid)], "the server (or its engine process) outlived the client"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever of its group is left
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_the_serving_warm_up_runs_the_throughput_warm_ups_shape_classes():
+    assert serving.WARMUP_PROMPT_LENGTHS == throughput.WARMUP_PROMPT_LENGTHS
 
 
 def test_profile_step_reaches_a_steady_decode_batch(tmp_path):
@@ -48,3 +124,21 @@ def test_profile_step_reaches_a_steady_decode_batch(tmp_path):
     argv = ["--model-config", str(config), "--device", "cpu", "--dtype", "float32"]
     result = profile_step.main([*argv, "--batch", "3", "--context", "20", "--steps", "2"])
     assert result["running"] == 3 and result["wall_ms_per_step"] > 0
+
+
+def test_summary_compares_baselines_run_apart_with_the_engine_of_their_preset(tmp_path):
+    def system(name, tokens, seconds):
+        return {"system": name, "output_tokens": tokens, "seconds": seconds, "error": None, "note": "",
+                "partial": False, "tokens_per_s": tokens / seconds}  # fmt: skip
+
+    engine = tmp_path / "qwen3-0.6b.json"
+    engine.write_text(json.dumps({"run": {"preset": "qwen3-0.6b"}, "systems": {"engine": system("engine", 900, 1.0)}}))
+    baselines = tmp_path / "qwen3-0.6b-baselines.json"
+    hf = {"hf-generate": system("hf-generate", 300, 1.0), "hf-generate-batch": system("hf-generate-batch", 400, 1.0)}
+    baselines.write_text(json.dumps({"run": {"preset": "qwen3-0.6b"}, "systems": hf}))
+    rows = [row.split(" | ") for row in report.summarize([str(engine), str(baselines)])[2:]]
+    by_system = {(row[0].strip("| "), row[1]): row for row in rows}
+    assert by_system[("qwen3-0.6b-baselines", "hf-generate")][3] == "0.33x"  # 300 against the engine's 900
+    # The preset's target (engine >= 3x generate_batch): 900 / 400 = 2.25x, missed.
+    target = by_system[("qwen3-0.6b-baselines", "target: engine / hf-generate-batch")]
+    assert target[2] == "2.25x" and target[5].startswith(">= 3.0x MISSED")

@@ -274,3 +274,34 @@ def test_json_schema_outputs_on_the_gpu(model_dir_factory):
         assert 1 <= len(value["user"]["name"]) <= 8 and 0 <= value["user"]["age"] <= 120
     assert len(outputs[4].outputs[0].token_ids) == 30
     assert _all_blocks_free(llm)
+
+
+def test_decode_graphs_share_one_logits_buffer(model_dir_factory):
+    """Graphs for 20 batch buckets hold one bucket's worth of logits: one buffer per bucket came to
+    about 666 MB at Qwen's vocabulary in bf16 (issue 9), more than the KV sizing's headroom."""
+    from engine import LLM, SamplingParams
+    from engine.cuda_graphs import DecodeGraphRunner
+
+    vocab, max_batch = 151_936, 256
+    settings = {**ENGINE_SETTINGS, "max_num_seqs": max_batch, "num_kv_blocks": NUM_KV_BLOCKS}
+    llm = LLM(model=str(model_dir_factory("qwen3", vocab_size=vocab)), dtype="bfloat16", enforce_eager=True, **settings)
+    runner = llm.engine.runner
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    graphs = DecodeGraphRunner(runner, max_batch_size=max_batch)
+    graphs.capture()
+    torch.cuda.synchronize()
+    one_buffer = max_batch * vocab * 2  # bytes of the largest bucket's bf16 logits
+    assert len(graphs.graphs) == 20
+    held = torch.cuda.memory_allocated() - allocated
+    pooled = torch.cuda.memory_reserved() - reserved
+    assert held < 2 * one_buffer, f"graphs hold {held / 2**20:.0f} MiB"
+    assert pooled < 4 * one_buffer, f"graph capture reserved {pooled / 2**20:.0f} MiB"
+    # And they decode what the eager steps decode.
+    prompts = [[11, 12, 13], [14, 15], [16]]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    runner.graph_runner = graphs
+    replays = _count_graph_replays(llm)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
+    assert replays[0] > 0

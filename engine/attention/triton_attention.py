@@ -196,7 +196,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Integers that change from step to step are not specialized (Triton would otherwise compile a
+# new version when one becomes 1 or a multiple of 16); the block-table stride is instead always a
+# multiple of 16 (the model runner rounds table widths up).
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_attention_kernel(
     out_ptr,
     q_ptr,
@@ -375,7 +378,7 @@ def _paged_attention_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
     out_ptr,
     partial_out_ptr,
@@ -388,7 +391,7 @@ def _merge_splits_kernel(
     stride_od,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    BLOCK_S: tl.constexpr,  # the most splits there can be (_MAX_KV_SPLITS), whatever this step's count
 ):
     # One program per (token, query head): a softmax-weighted sum of the splits' partial outputs.
     token = tl.program_id(0).to(tl.int64)
@@ -417,6 +420,9 @@ def _merge_splits_kernel(
     )
 
 
+_MAX_KV_SPLITS = 64
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -441,7 +447,7 @@ def _num_kv_splits(
         return 1
     # At least ~4 key tiles per split, so the merge stays small next to the key reads.
     max_splits = triton.cdiv(triton.cdiv(max_seq_len, block_n), 4)
-    return max(1, min(triton.cdiv(target, programs), max_splits, 64))
+    return max(1, min(triton.cdiv(target, programs), max_splits, _MAX_KV_SPLITS))
 
 
 def _new_output(query: torch.Tensor) -> torch.Tensor:
@@ -572,7 +578,9 @@ def paged_attention(
             *out.stride(),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            # Fixed, not the step's count: the split count follows each eager step's longest
+            # sequence, and a tile sized to it would compile a new merge kernel as contexts grow.
+            BLOCK_S=_MAX_KV_SPLITS,
             num_warps=4,
         )
     return out

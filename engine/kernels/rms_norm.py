@@ -8,7 +8,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The row count follows the step's token count: specialized, it would compile a version for 1 row
+# and one for multiples of 16.
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(
     x_ptr,
     weight_ptr,
@@ -45,8 +47,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if num_rows == 0:
         return out.view(x.shape)
     block_cols = triton.next_power_of_2(num_cols)
-    # About 4K elements per program: several short rows (per-head q/k norms) or one long one.
-    block_rows = max(1, min(64, 4096 // block_cols, triton.next_power_of_2(num_rows)))
+    # About 4K elements per program: several short rows (per-head q/k norms) or one long one. Not
+    # shrunk for fewer rows, which would compile another version for small steps (1, 2, 3-4 tokens).
+    block_rows = max(1, min(64, 4096 // block_cols))
     _rms_norm_kernel[(triton.cdiv(num_rows, block_rows),)](
         rows,
         weight,

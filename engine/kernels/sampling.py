@@ -22,6 +22,34 @@ import triton.language as tl
 logger = logging.getLogger(__name__)
 
 
+# 2**-23 and 2**-24, and the smallest value -log(U) can take (its exact value at U = 1 - 2**-24).
+_STEP_23 = tl.constexpr(1.1920928955078125e-07)
+_HALF_STEP_23 = tl.constexpr(5.9604644775390625e-08)
+_MIN_EXPONENTIAL = tl.constexpr(5.9604644775390625e-08)
+
+
+@triton.jit
+def _open_unit_uniform(bits):
+    """uint32 random bits -> U strictly inside (0, 1): the top 23 bits k at the centre of their
+    interval, k * 2**-23 + 2**-24. Every such value is exact in float32 (the largest, 1 - 2**-24,
+    sits on the float32 grid of [0.5, 1), whose spacing is 2**-24), so none rounds to 0 or 1.
+    With 24 bits (k * 2**-24 + 2**-25) the top pattern rounds to exactly 1.0: log(1) = 0 makes the
+    noise +inf, and that column wins whatever its probability, in about V / 2**24 of the rows.
+    """
+    return (bits >> 9).to(tl.float32) * _STEP_23 + _HALF_STEP_23
+
+
+@triton.jit
+def _gumbel_noise(seed, cols):
+    """Standard Gumbel noise -log(-log U) for columns `cols` of the row seeded with `seed`."""
+    uniform = _open_unit_uniform(tl.randint(seed, cols))
+    # -log(U) is Exp(1). Floored at its exact smallest value, so that no log's rounding near 1
+    # (the GPU's log is accurate today; a fast-math one may not be) gives 0 (noise +inf) or a
+    # negative number (NaN).
+    exponential = tl.maximum(-tl.log(uniform), _MIN_EXPONENTIAL)
+    return -tl.log(exponential)
+
+
 @triton.jit
 def _gumbel_argmax_kernel(
     logits_ptr,
@@ -43,11 +71,8 @@ def _gumbel_argmax_kernel(
         valid = cols < vocab_size
         score = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
         if temperature > 0.0:
-            bits = tl.randint(seed, cols)
-            # 24 random bits at the centres of their intervals: U in (0, 1), never 0 or 1, so
-            # both logs stay finite (tl.rand can round up to exactly 1.0).
-            uniform = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08 + 2.9802322387695312e-08
-            score = score / temperature - tl.log(-tl.log(uniform))
+            # Bounded noise (-2.8 to 16.7): tl.rand can round up to exactly 1.0, hence our own U.
+            score = score / temperature + _gumbel_noise(seed, cols)
             score = tl.where(valid, score, float("-inf"))
         block_best = tl.max(score, axis=0)
         # The first index of the block's best: ties resolve to the lowest id, as torch.argmax does.
