@@ -88,6 +88,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the engine's step loop in a child process, so HTTP work never holds the GIL it needs "
         "(default; --no-engine-process keeps it on a thread of the server's process)",
     )
+    engine.add_argument(
+        "--engine-restarts-per-minute",
+        type=int,
+        default=3,
+        help="restart a dead engine process at most this often in any 60 s; past that the server exits 1 "
+        "so a supervisor takes over (0: exit at the first death)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -111,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-waiting-requests must be >= 0")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
+    if args.engine_restarts_per_minute < 0:
+        parser.error("--engine-restarts-per-minute must be >= 0")
 
     # Imported here so `sluice --help` answers without loading torch and transformers.
     from api.app import create_app
@@ -119,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.engine_process:
         from engine.engine_process import EngineProcess
 
-        engine = EngineProcess(config)
+        engine = EngineProcess(config, max_restarts_per_minute=args.engine_restarts_per_minute)
     else:
         from engine.async_llm import AsyncLLM
 
@@ -139,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "required" if args.api_key else "not required",
         tool_parser.name if tool_parser else "none: tool_choice 'auto' answers with content",
     )
-    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
-    return 0
+    return serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
 
 def module_main(argv: Sequence[str] | None = None) -> int:

@@ -62,6 +62,11 @@ class _EngineCollector(Collector):
             "Requests preempted for lack of KV blocks.",
             value=stats.get("num_preemptions", 0),
         )
+        yield CounterMetricFamily(
+            "sluice_engine_restarts",
+            "Times the engine process died and was restarted.",
+            value=getattr(self.engine, "num_restarts", 0),
+        )
 
 
 class ServerMetrics:

@@ -183,8 +183,8 @@ class EngineProcess(StreamingEngineClient):
                 return
             if not self._restart_budget.allow(died_at):
                 logger.error(
-                    "engine process died %d times within %.0f s: not restarting it again",
-                    self._restart_budget.max_restarts + 1,
+                    "the engine process died after %d restart(s) in the last %.0f s: not restarting it",
+                    self._restart_budget.max_restarts,
                     RESTART_WINDOW_S,
                 )
                 self._gave_up = True
