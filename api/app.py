@@ -18,6 +18,8 @@ from api.body_limit import DEFAULT_MAX_REQUEST_BODY_BYTES, BodySizeLimitMiddlewa
 from api.errors import APIError, install_error_handlers
 from api.options import ServerOptions
 from api.state import ServerState, get_state
+from api.streaming import engine_gone_message
+from engine.async_llm import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ def create_app(
     app.root_path = options.root_path
     app.state.sluice = state
     install_error_handlers(app)
+    app.add_exception_handler(EngineDeadError, _engine_dead_handler)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(models.router)
@@ -76,7 +79,8 @@ def create_app(
         if current.admission.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not current.engine.is_alive:
-            return JSONResponse({"status": "engine not running"}, status_code=503)
+            status = "engine restarting" if getattr(current.engine, "is_restarting", False) else "engine not running"
+            return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -100,6 +104,14 @@ def create_app(
         allow_credentials=options.allow_credentials,
     )
     return app
+
+
+async def _engine_dead_handler(request: Request, exc: Exception) -> Response:
+    """A request the engine could not finish (it died, or the server stopped it at its shutdown
+    timeout) is a 503 the client may retry, not a 500."""
+    assert isinstance(exc, EngineDeadError)
+    message, code = engine_gone_message(exc)
+    return APIError(503, message, code=code).response()
 
 
 def start_draining(app: FastAPI) -> None:

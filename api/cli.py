@@ -130,6 +130,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="vLLM's name for --no-engine-process",
     )
+    engine.add_argument(
+        "--engine-restarts-per-minute",
+        type=int,
+        default=3,
+        help="restart a dead engine process at most this often in any 60 s; past that the server exits 1 "
+        "so a supervisor takes over (0: exit at the first death)",
+    )
 
 
 def add_vllm_server_arguments(server: argparse._ArgumentGroup) -> None:
@@ -254,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-request-body-bytes must be >= 1")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
+    if args.engine_restarts_per_minute < 0:
+        parser.error("--engine-restarts-per-minute must be >= 0")
 
     if config.tensor_parallel_size > 1:
         from engine.parallel.launch import launched_by_torchrun
@@ -271,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.engine_process:
         from engine.engine_process import EngineProcess
 
-        engine = EngineProcess(config)
+        engine = EngineProcess(config, max_restarts_per_minute=args.engine_restarts_per_minute)
     else:
         from engine.async_llm import AsyncLLM
 
@@ -300,14 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tool_parser.name if tool_parser else "none: tool_choice 'auto' answers with content",
         state.reasoning_parser.name if state.reasoning_parser else "none",
     )
-    serve(
+    return serve(
         app,
         host=args.host,
         port=args.port,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.uvicorn_log_level or args.log_level,
     )
-    return 0
 
 
 def module_main(argv: Sequence[str] | None = None) -> int:

@@ -98,6 +98,11 @@ class _EngineCollector(Collector):
             )
             counter.add_metric(self.labels, preemptions)
             yield counter
+        yield CounterMetricFamily(
+            "sluice_engine_restarts",
+            "Times the engine process died and was restarted.",
+            value=getattr(self.engine, "num_restarts", 0),
+        )
 
 
 class ServerMetrics:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 import socket
 import threading
@@ -12,41 +14,84 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import start_draining
+from engine.async_llm import EngineStoppedError
+
+logger = logging.getLogger(__name__)
+
+
+# Between the shutdown timeout, when the server ends the streams still running (error event, then
+# [DONE]), and uvicorn cutting whatever connection is left: time to flush those last events.
+STREAM_END_GRACE_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, plus: the first exit signal flips the app into draining mode (503s)."""
+    """uvicorn's server, plus: the first exit signal flips the app into draining mode (503s); at
+    `shutdown_timeout` the requests still running are ended properly (a stream gets an error event
+    and [DONE], a plain request a 503) before uvicorn cuts connections; and an engine that failed
+    for good stops the server with `exit_code` 1, so that a supervisor restarts it."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float) -> None:
+        # uvicorn's own cut comes a little later: it would end a stream mid-body.
+        config.timeout_graceful_shutdown = shutdown_timeout + STREAM_END_GRACE_S
         super().__init__(config)
         self._app = app
+        self._shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         start_draining(self._app)
         super().handle_exit(sig, frame)
 
+    async def on_tick(self, counter: int) -> bool:
+        engine = self._app.state.sluice.engine
+        if self.exit_code == 0 and getattr(engine, "failed_for_good", False):
+            logger.error("The engine failed and will not be restarted: stopping the server (exit code 1)")
+            self.exit_code = 1
+            start_draining(self._app)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
-def serve(app: FastAPI, *, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
-    """Serves until SIGTERM/SIGINT; SIGTERM waits up to `shutdown_timeout` s for running requests."""
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        cut = asyncio.get_running_loop().call_later(self._shutdown_timeout, self._end_running_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
+
+    def _end_running_requests(self) -> None:
+        engine = self._app.state.sluice.engine
+        ended = engine.fail_all_requests(EngineStoppedError("the server's shutdown timeout expired"))
+        if ended:
+            logger.warning(
+                "Shutdown timeout (%.1f s) expired: ended %d running request(s)", self._shutdown_timeout, ended
+            )
+
+
+def serve(app: FastAPI, *, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> int:
+    """Serves until SIGTERM/SIGINT; SIGTERM waits up to `shutdown_timeout` s for running requests.
+
+    Returns the process's exit code: 0 after a drain, 1 when the engine failed for good."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=shutdown_timeout,
         # Streams end when the engine says so; a keep-alive timeout shorter than a generation
         # would not cut them, but idle keep-alives should not pin a draining server.
         timeout_keep_alive=5,
     )
-    server = DrainingServer(config, app)
+    server = DrainingServer(config, app, shutdown_timeout)
     # uvicorn re-raises the signal it caught once it has shut down, to let the previous handler
     # act; with the default SIGTERM handler that would kill the process with -15 after a clean
     # drain. Exiting normally is the contract: a drained server exits 0.
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         server.run()
+    except SystemExit:
+        return server.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return server.exit_code
 
 
 def _exit_cleanly(sig: int, frame: FrameType | None) -> None:
@@ -60,7 +105,9 @@ class BackgroundServer:
         openai.OpenAI(base_url=server.url + "/v1", api_key=...)
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", log_level: str = "warning") -> None:
+    def __init__(
+        self, app: FastAPI, host: str = "127.0.0.1", log_level: str = "warning", shutdown_timeout: float = 5.0
+    ) -> None:
         self.app = app
         self.host = host
         # Binding here, before the thread starts, hands uvicorn a socket that is already ours:
@@ -69,8 +116,8 @@ class BackgroundServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, 0))
         self.port: int = self._socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-        self.server = DrainingServer(config, app)
+        config = uvicorn.Config(app, log_level=log_level)
+        self.server = DrainingServer(config, app, shutdown_timeout)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     @property

@@ -12,6 +12,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.errors import error_body
+from engine.async_llm import EngineDeadError, EngineStoppedError
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +35,27 @@ def sse_error(message: str, code: str | None = None) -> bytes:
 
 
 async def guarded_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Passes events through; an unexpected failure becomes an error event, then [DONE]."""
+    """Passes events through; a failure becomes an error event, then [DONE], so a client always
+    sees the stream end properly (never a body cut mid-way)."""
     try:
         async for event in events:
             yield event
+    except EngineDeadError as error:  # the engine died, or the server's shutdown timeout ran out
+        logger.warning("Stream ended early: %s", error)
+        message, code = engine_gone_message(error)
+        yield sse_error(message, code)
+        yield SSE_DONE
     except Exception:
         logger.exception("Error while streaming a response")
         yield sse_error("The server had an error while processing your request.", "internal_error")
         yield SSE_DONE
+
+
+def engine_gone_message(error: EngineDeadError) -> tuple[str, str]:
+    """The client-facing (message, code) of a request the engine could not finish (a 503)."""
+    if isinstance(error, EngineStoppedError):
+        return "The server is shutting down; the request was stopped before it finished.", "shutting_down"
+    return "The inference engine failed and is being restarted; retry the request.", "engine_dead"
 
 
 class SSEResponse(StreamingResponse):

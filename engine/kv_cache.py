@@ -2,21 +2,35 @@
 
 Knows block ids and token ids only; the tensors that hold K and V live in the model runner.
 
-A full block is identified by a key (parent block's chain hash, the block's token ids); its chain
-hash is hash(key). Keying the cache by the whole key (not just the hash) means a hit always has
-exactly the same tokens, so a hash collision can never serve wrong K/V for this block.
+A full block is identified by its chain digest: SHA-256 over the parent block's digest and the
+block's token ids, so one digest stands for every token from the start of the sequence to the end
+of the block. A hit must mean "the same prefix": K/V depend on every earlier token, not only the
+block's own. With Python's 64-bit `hash()` an attacker who finds a collision of a parent hash gets
+another user's K/V served (vLLM's CVE-2025-25183); a SHA-256 collision is out of reach, so the
+cache is keyed by the digest alone.
 Blocks no request holds sit in an LRU free queue and keep their contents until reused, so a later
 prompt with the same prefix can still hit them; they count as free.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 from engine.request import Request
 
-BlockKey = tuple[int, tuple[int, ...]]
-_ROOT_HASH = 0x5EED
+BlockKey = bytes  # a block's chain digest
+_ROOT_DIGEST = b"sluicegate prefix-cache root"
+
+
+def chain_digest(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """SHA-256 of (parent digest, the block's token ids as int64): the identity of the whole prefix.
+
+    The parent digest has a fixed length (32 bytes, or the root's), so the encoding is unambiguous.
+    """
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 class BlockPool:
@@ -150,24 +164,20 @@ class KVCacheManager:
         start = len(request.block_hashes)
         if num_full <= start:
             return
-        parent = request.block_hashes[-1] if request.block_hashes else _ROOT_HASH
+        parent = request.block_hashes[-1] if request.block_hashes else _ROOT_DIGEST
         for index in range(start, num_full):
-            tokens = tuple(request.token_ids_in(index * self.block_size, (index + 1) * self.block_size))
-            key = (parent, tokens)
-            self.pool.register(request.block_ids[index], key)
-            parent = hash(key)
+            parent = chain_digest(parent, request.token_ids_in(index * self.block_size, (index + 1) * self.block_size))
+            self.pool.register(request.block_ids[index], parent)
             request.block_hashes.append(parent)
 
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)
         request.block_ids = []
 
-    def _block_keys(self, request: Request, num_blocks: int) -> list[BlockKey]:
-        keys = []
-        parent = _ROOT_HASH
+    def _block_keys(self, request: Request, num_blocks: int) -> Iterator[BlockKey]:
+        # A generator: the lookup stops at the first miss, and so does the hashing.
+        parent = _ROOT_DIGEST
         tokens = request.all_token_ids
         for index in range(num_blocks):
-            key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
-            keys.append(key)
-            parent = hash(key)
-        return keys
+            parent = chain_digest(parent, tokens[index * self.block_size : (index + 1) * self.block_size])
+            yield parent

@@ -53,7 +53,7 @@ class Request:
     num_inflight_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain hashes of this sequence's full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # chain digests of this sequence's full blocks
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -127,3 +127,39 @@ def test_sigterm_lets_running_requests_finish_then_exits_0(server):
     finishes = [line for line in events if '"finish_reason":"length"' in line]
     assert len(finishes) == 1  # the request ran to its full max_tokens through the drain
     assert server.wait(timeout=60) == 0
+
+
+def test_streams_still_running_at_the_shutdown_timeout_end_with_an_error_event_then_done(model_dir_factory):
+    """Not a body cut mid-way ("incomplete chunked read"): the client sees why the stream ended."""
+    import json
+    import threading
+
+    from api.app import create_app
+    from api.server import BackgroundServer
+    from engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM(
+        model=str(model_dir_factory("llama")),
+        served_model_name=MODEL,
+        device="cpu",
+        num_kv_blocks=256,
+        max_model_len=2048,
+    )
+    server = BackgroundServer(create_app(engine), shutdown_timeout=1.0).start()
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2000, "stream": True, **NO_EOS}
+    stopper = threading.Thread(target=server.stop)
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            events = [next(lines)]
+            started = time.monotonic()
+            stopper.start()  # as SIGTERM does: stop listening, wait for running requests
+            events.extend(line for line in lines if line)
+        assert time.monotonic() - started < 30  # ended at the timeout, not by running to max_tokens
+    finally:
+        stopper.join(60) if stopper.is_alive() else server.stop()
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error"
+    assert not any('"finish_reason":"length"' in line for line in events)
+    assert engine.stats()["kv_blocks_used"] == 0

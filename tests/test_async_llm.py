@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 
 from engine import LLM, AsyncLLM, OutputKind, SamplingParams
+from engine.async_llm import EngineDeadError, RequestFailedError
+
+WAIT_S = 20  # every wait below is bounded: a request that never ends fails the test, not CI
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,76 @@ async def test_invalid_request_raises_before_streaming_and_engine_keeps_serving(
     async for out in async_llm.generate("still alive", SamplingParams(max_tokens=2), "after-error"):
         last = out
     assert last.finished and async_llm.is_alive
+
+
+@pytest.fixture
+def fresh_async_llm(model_dir):
+    """An engine of its own, for tests that stop or break it."""
+    engine = AsyncLLM(model=str(model_dir), device="cpu", max_model_len=512, num_kv_blocks=64)
+    yield engine
+    engine.close()
+
+
+def _hold_preparation(engine: AsyncLLM, prompt: str) -> tuple[threading.Event, threading.Event]:
+    """Makes preparing `prompt` (tokenizing, compiling a grammar) wait: (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+    original = engine.engine.process_request
+
+    def process_request(request_id, prompt_, params):
+        if prompt_ == prompt:
+            entered.set()
+            release.wait(WAIT_S)
+        return original(request_id, prompt_, params)
+
+    engine.engine.process_request = process_request
+    return entered, release
+
+
+async def _run(engine: AsyncLLM, prompt: str, request_id: str, max_tokens: int = 3) -> str | None:
+    last = None
+    async for out in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), request_id):
+        last = out
+    return last.outputs[0].finish_reason if last else None
+
+
+async def test_a_request_being_prepared_when_close_runs_ends(fresh_async_llm):
+    entered, release = _hold_preparation(fresh_async_llm, "slow")
+    request = asyncio.ensure_future(_run(fresh_async_llm, "slow", "slow-1"))
+    assert await asyncio.to_thread(entered.wait, WAIT_S)
+    await asyncio.to_thread(fresh_async_llm.close)
+    release.set()
+    with pytest.raises(EngineDeadError):
+        await asyncio.wait_for(request, WAIT_S)
+
+
+async def test_a_request_being_prepared_when_the_loop_dies_ends(fresh_async_llm):
+    entered, release = _hold_preparation(fresh_async_llm, "slow")
+
+    def broken_step():
+        raise RuntimeError("injected failure")
+
+    fresh_async_llm.engine.step = broken_step
+    slow = asyncio.ensure_future(_run(fresh_async_llm, "slow", "slow-2"))
+    assert await asyncio.to_thread(entered.wait, WAIT_S)
+    with pytest.raises(EngineDeadError):  # the loop dies on this one's step
+        await asyncio.wait_for(_run(fresh_async_llm, "Hi", "dies"), WAIT_S)
+    release.set()
+    with pytest.raises(EngineDeadError):
+        await asyncio.wait_for(slow, WAIT_S)
+    assert not fresh_async_llm.is_alive and fresh_async_llm.failed_for_good
+
+
+async def test_an_unexpected_error_adding_a_request_fails_only_that_request(fresh_async_llm):
+    original = fresh_async_llm.engine.add_processed
+
+    def add_processed(user_request):
+        if user_request.request_id == "bad":
+            raise TypeError("injected failure")
+        original(user_request)
+
+    fresh_async_llm.engine.add_processed = add_processed
+    with pytest.raises(RequestFailedError, match="TypeError: injected failure"):
+        await asyncio.wait_for(_run(fresh_async_llm, "Hi", "bad"), WAIT_S)
+    assert await asyncio.wait_for(_run(fresh_async_llm, "Hi", "good"), WAIT_S) == "length"
+    assert fresh_async_llm.is_alive
+    await _wait_idle(fresh_async_llm)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -92,17 +93,80 @@ def test_the_child_logs_like_the_server_and_stops_with_it(serve_tiny_model, capf
     assert "KV cache: 64 blocks of 16 tokens" in capfd.readouterr().err  # the start-up sizing line
 
 
-def test_when_the_child_dies_health_and_requests_say_503(serve_tiny_model):
-    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=64) as running:
+def _metric(server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_a_killed_engine_is_restarted_and_its_requests_get_503(serve_tiny_model):
+    """In flight when the child dies: a stream ends with an error event then [DONE], a plain request
+    gets an OpenAI-shaped 503; the gauges drop to idle, /health says 503 until the new child serves."""
+    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=128) as running:
         engine = running.app.state.sluice.engine
+        old_pid = engine.pid
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1500, "ignore_eos": True}
+        url = f"{running.url}/v1/chat/completions"
+        results: dict = {}
+
+        def streamed() -> None:
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+                results["stream"] = (response.status_code, [line for line in response.iter_lines() if line])
+
+        def whole() -> None:
+            response = httpx.post(url, json=body, timeout=60)
+            results["whole"] = (response.status_code, response.json())
+
+        clients = [threading.Thread(target=streamed), threading.Thread(target=whole)]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 30
+        while _metric(running, "sluice_requests_running") < 2:
+            assert time.monotonic() < deadline, "the two requests never ran"
+            time.sleep(0.02)
+        os.kill(old_pid, signal.SIGKILL)
+        for client in clients:
+            client.join(30)
+            assert not client.is_alive(), "a request in flight never ended"
+        # Dead or already restarted, the engine runs nothing and holds no block.
+        assert _metric(running, "sluice_requests_running") == 0 and _kv_blocks_used(running) == 0
+        health = [httpx.get(f"{running.url}/health").status_code]
+        deadline = time.monotonic() + 120
+        while health[-1] != 200:
+            assert time.monotonic() < deadline, "the engine was not restarted"
+            time.sleep(0.1)
+            health.append(httpx.get(f"{running.url}/health").status_code)
+
+        status, events = results["stream"]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "engine_dead" and error["type"] == "server_error"
+        status, payload = results["whole"]
+        assert status == 503 and payload["error"]["code"] == "engine_dead"
+        assert health[0] == 503  # a fresh interpreter loading a model takes longer than this poll
+        assert engine.pid != old_pid and _metric(running, "sluice_engine_restarts_total") == 1
+        ok = _client(running).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+        assert ok.choices[0].finish_reason == "length"
+
+
+def test_past_its_restart_bound_the_server_stops_with_exit_code_1(model_dir_factory):
+    from api.app import create_app
+    from api.server import BackgroundServer
+    from engine.config import EngineConfig
+    from engine.engine_process import EngineProcess
+
+    model = str(model_dir_factory("llama"))
+    config = EngineConfig(model=model, served_model_name=MODEL, device="cpu", num_kv_blocks=64)
+    engine = EngineProcess(config, max_restarts_per_minute=0)
+    server = BackgroundServer(create_app(engine)).start()
+    try:
         os.kill(engine.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{running.url}/health").status_code != 503:
-            assert time.monotonic() < deadline, "/health never noticed the engine was gone"
-            time.sleep(0.05)
-        with pytest.raises(openai.APIStatusError) as caught:
-            _client(running).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
-        assert caught.value.status_code == 503
+        server._thread.join(60)
+        assert not server._thread.is_alive(), "the server kept running with a dead engine"
+        assert server.server.exit_code == 1  # what `sluice serve` exits with: a supervisor's cue
+    finally:
+        server.stop()
 
 
 def test_a_prompt_crosses_the_pipe_once_and_every_output_still_carries_it():

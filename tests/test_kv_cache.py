@@ -96,3 +96,28 @@ def test_disabled_prefix_caching_never_hits():
     _compute_all(manager, first)
     manager.free(first)
     assert manager.find_cached_prefix(_request(list(range(9)), "b")) == []
+
+
+def test_a_parent_that_only_hashes_alike_never_chains_into_another_prefix():
+    """Python's hash() maps the ints t and t + (2**61 - 1) alike, so the blocks X and X' below had
+    equal 64-bit chain hashes: a request with X' then Y was served the K/V that request `a` computed
+    for Y after X (an attacker can find such collisions among real token ids too: vLLM's
+    CVE-2025-25183). Keyed by a SHA-256 digest of the whole prefix, only X' itself hits."""
+    manager = KVCacheManager(num_blocks=12, block_size=4)
+    x, x_alias, y = [1, 2, 3, 4], [1, 2, 3, 4 + (2**61 - 1)], [5, 6, 7, 8]
+    assert hash((0, tuple(x))) == hash((0, tuple(x_alias)))  # the collision this test is about
+    a = _request(x + y + [9], "a")
+    _compute_all(manager, a)
+    c = _request(x_alias + [9], "c")
+    _compute_all(manager, c)
+    b = _request(x_alias + y + [9], "b")
+    assert manager.find_cached_prefix(b) == c.block_ids[:1]
+
+
+def test_chain_digests_identify_the_whole_prefix():
+    from engine.kv_cache import chain_digest
+
+    root = b"r" * 32
+    assert chain_digest(root, [1, 2]) == chain_digest(root, [1, 2])
+    assert len({chain_digest(root, [1, 2]), chain_digest(root, [2, 1]), chain_digest(b"s" * 32, [1, 2])}) == 3
+    assert chain_digest(root, [1, 2]) != chain_digest(root, [1, 2 + 2**32])  # ids are not truncated to 32 bits
