@@ -17,7 +17,13 @@ logger = logging.getLogger("sluice")
 # Engine flags: (flag, EngineConfig field, type, help). Every default is None, so that only flags
 # the user gave override the --config file (EngineConfig.from_yaml ignores None overrides).
 _ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "hub id or local directory (default: the built-in demo model)"),
+    (
+        "--model",
+        "model",
+        str,
+        "hub id, local directory, file.gguf, or demo-random (default: smollm2-135m-instruct, built in)",
+    ),
+    ("--gguf-file", "gguf_file", str, "a .gguf file inside the --model directory"),
     ("--tokenizer", "tokenizer", str, "tokenizer id or directory (default: the model's)"),
     ("--served-model-name", "served_model_name", str, "the name clients pass as 'model'"),
     ("--load-format", "load_format", str, "auto (read the checkpoint) or dummy (random weights)"),

@@ -1,4 +1,4 @@
-"""Loads a model and its tokenizer: hub id, local directory, or config with dummy weights."""
+"""Loads a model and its tokenizer: hub id, local directory, GGUF file, built-in model, or dummy weights."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from engine.attention import hf_integration
+from engine.builtin_models import resolve_model
 from engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -73,15 +74,9 @@ def check_supported(hf_config, max_model_len: int) -> None:
 
 def load(config: EngineConfig) -> LoadedModel:
     hf_integration.register()
-    model_path = config.model
-    served_name = config.served_model_name
-    if model_path is None:
-        from engine.demo_model import DEMO_MODEL_ID, demo_model_path
-
-        model_path = str(demo_model_path())
-        served_name = served_name or DEMO_MODEL_ID
-        logger.warning("No model given: running the built-in demo model (random weights: its replies are noise)")
-    served_name = served_name or model_path
+    source = resolve_model(config.model, config.gguf_file)  # converts a GGUF file on its first use
+    model_path = source.path
+    served_name = config.served_model_name or source.served_name
     device = resolve_device(config.device)
     hf_config = AutoConfig.from_pretrained(model_path)
     dtype = resolve_dtype(config.dtype, hf_config, device)
