@@ -35,7 +35,8 @@ def test_structured_cost_compares_equal_token_counts(tmp_path):
 
 def test_serving_launches_measures_and_stops_its_own_server(tmp_path):
     out = tmp_path / "serving.json"
-    argv = ["--launch", "--device cpu --num-kv-blocks 128", "--num-prompts", "4", "--concurrency", "2"]
+    flags = "--model demo-random --device cpu --num-kv-blocks 128"
+    argv = ["--launch", flags, "--num-prompts", "4", "--concurrency", "2"]
     assert serving.main([*argv, "--input-len", "8", "--output-len", "5", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["completed"] == 4 and summary["failed"] == 0
