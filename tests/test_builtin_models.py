@@ -94,3 +94,11 @@ def test_bad_gguf_arguments_name_the_parameter(cache: Path, tmp_path: Path) -> N
 
 def test_other_names_pass_through_to_transformers() -> None:
     assert resolve_model("Qwen/Qwen3-0.6B") == builtin_models.ModelSource("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B")
+
+
+def test_the_gguf_flags_reach_the_engine_config() -> None:
+    from api.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "models", "--gguf-file", "tiny.Q8_0.gguf"])
+    config = engine_config_from_args(args)
+    assert (config.model, config.gguf_file) == ("models", "tiny.Q8_0.gguf")
