@@ -29,7 +29,13 @@ logger = logging.getLogger("sluice")
 # Engine flags: (flag, EngineConfig field, type, help). Every default is None, so that only flags
 # the user gave override the --config file (EngineConfig.from_yaml ignores None overrides).
 _ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "hub id or local directory (default: the built-in demo model)"),
+    (
+        "--model",
+        "model",
+        str,
+        "hub id, local directory, file.gguf, or demo-random (default: smollm2-135m-instruct, built in)",
+    ),
+    ("--gguf-file", "gguf_file", str, "a .gguf file inside the --model directory"),
     ("--tokenizer", "tokenizer", str, "tokenizer id or directory (default: the model's)"),
     ("--load-format", "load_format", str, "auto (read the checkpoint) or dummy (random weights)"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
@@ -204,7 +210,7 @@ def server_options_from_args(args: argparse.Namespace, config: EngineConfig | No
     names = args.served_model_name or []
     sampling_defaults = {}
     if args.generation_config not in (None, "vllm"):
-        model_path = (config.model if config else None) or _demo_model_path()
+        model_path = _model_path(config)
         sampling_defaults = generation_defaults(args.generation_config, model_path, config.revision if config else None)
     return ServerOptions(
         served_model_aliases=tuple(names[1:]),
@@ -221,10 +227,11 @@ def server_options_from_args(args: argparse.Namespace, config: EngineConfig | No
     )
 
 
-def _demo_model_path() -> str:
-    from engine.demo_model import demo_model_path
+def _model_path(config: EngineConfig | None) -> str:
+    """Where the engine's model is on disk (the built-in model when none is given)."""
+    from engine.builtin_models import resolve_model
 
-    return str(demo_model_path())
+    return resolve_model(config.model if config else None, config.gguf_file if config else None).path
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

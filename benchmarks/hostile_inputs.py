@@ -21,7 +21,7 @@ from typing import Any
 
 # The built-in demo model's served name (engine.demo_model.DEMO_MODEL_ID, which the tests check),
 # spelled out so that a client importing the corpus does not import torch.
-MODEL = "sluicegate-demo"
+MODEL = "demo-random"
 JSON_HEADERS = {"Content-Type": "application/json"}
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "Hi"}]

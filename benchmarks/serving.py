@@ -78,8 +78,9 @@ async def run_request(client: httpx.AsyncClient, args: argparse.Namespace, model
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": args.temperature,
-        "ignore_eos": args.ignore_eos,
     }
+    if args.ignore_eos:  # a vLLM extension: sent only when used, as servers without it (transformers) refuse it
+        body["ignore_eos"] = True
     if args.prompt_kind == "tokens":
         path, body["prompt"] = "/v1/completions", prompt
     else:

@@ -1,6 +1,6 @@
 """What a JSON-schema constraint costs: the same requests with and without one, same token counts.
 
-    python -m benchmarks.structured_cost            # the demo model on the CPU
+    python -m benchmarks.structured_cost            # the random demo model (demo-random) on the CPU
     python -m benchmarks.structured_cost --model DIR --device cuda
 
 Every request first runs constrained by one JSON schema (its output ends when the JSON is
@@ -48,7 +48,9 @@ def _timed(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="hub id or directory (default: the built-in demo model)")
+    parser.add_argument(
+        "--model", default="demo-random", help="hub id, directory or built-in name (default: demo-random)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-seqs", type=int, default=48)
     parser.add_argument("--min-input", type=int, default=16)

@@ -1,13 +1,15 @@
 """Offline throughput: the nano-vllm benchmark workload, the engine against transformers on the same model.
 
     python -m benchmarks.throughput --preset cpu-small
+    python -m benchmarks.throughput --preset cpu-smollm2   # the default model's real weights
     python -m benchmarks.throughput --preset qwen3-0.6b --json /tmp/qwen3.json
 
 The workload is nano-vllm's (random token-id prompts, per-request output lengths, ignore_eos,
 seed 0, temperature 0.6), scaled by flags. Models are built from a config with dummy (random)
-weights, so no checkpoint is read. The engine runs first; then its own model object, with the KV
-cache freed and attention switched to SDPA, runs transformers' static batched `generate` and its
-continuous batching (`generate_batch`'s manager), so all three systems use the very same weights.
+weights, so no checkpoint is read (cpu-smollm2 reads the default model's real weights). The
+engine runs first; then its own model object, with the KV cache freed and attention switched to
+SDPA, runs transformers' static batched `generate` and its continuous batching (`generate_batch`'s
+manager), so all three systems use the very same weights.
 On CUDA it also prints the card's roofline bound for the workload and a decode step at batch 1.
 """
 
@@ -198,6 +200,10 @@ def measure_decode_batch1(llm, temperature: float, prompt_len: int = 128, num_st
 
 
 def _model_dir(preset: Preset, config_path: str | None) -> str:
+    if preset.model and not config_path:
+        from engine.builtin_models import resolve_model
+
+        return resolve_model(preset.model).path  # the cache's directory: never removed below
     directory = tempfile.mkdtemp(prefix="sluice-bench-")
     if config_path:
         shutil.copyfile(config_path, Path(directory) / "config.json")
@@ -287,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
+    args.load_format = "auto" if preset.model and not args.model_config else "dummy"
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.tensor_parallel_size > 1:
         # The baselines would run the engine's sharded model in this process alone, and its workers
@@ -410,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for line in format_table(results, engine_rate):
         print(line)
     print_targets(preset, results, engine_rate, report)
-    shutil.rmtree(model_dir, ignore_errors=True)
+    if args.load_format == "dummy":
+        shutil.rmtree(model_dir, ignore_errors=True)
     return report.data
 
 

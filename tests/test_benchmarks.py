@@ -48,7 +48,8 @@ def test_structured_cost_compares_equal_token_counts(tmp_path):
 
 def test_serving_launches_measures_and_stops_its_own_server(tmp_path):
     out = tmp_path / "serving.json"
-    argv = ["--launch", "--device cpu --num-kv-blocks 128", "--num-prompts", "4", "--concurrency", "2", "--warmup", "1"]
+    flags = "--model demo-random --device cpu --num-kv-blocks 128"
+    argv = ["--launch", flags, "--num-prompts", "4", "--concurrency", "2", "--warmup", "1"]
     assert serving.main([*argv, "--input-len", "8", "--output-len", "5", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["completed"] == 4 and summary["failed"] == 0
@@ -80,7 +81,7 @@ def _alive(pid: int) -> bool:
 
 def test_serving_stops_its_launched_server_when_terminated():
     """gpu_check.sh ends a step with SIGTERM at its cap: the client must stop its server, not orphan it."""
-    launch = "--device cpu --num-kv-blocks 128 --shutdown-timeout 1"
+    launch = "--model demo-random --device cpu --num-kv-blocks 128 --shutdown-timeout 1"
     command = [sys.executable, "-m", "benchmarks.serving", "--launch", launch, "--num-prompts", "100000"]
     command += ["--concurrency", "2", "--input-len", "8", "--output-len", "64"]
     process = subprocess.Popen(

@@ -212,7 +212,7 @@ def test_demo_model_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: py
     assert model.config.model_type in ("qwen3", "llama")
     assert 10e6 <= model.num_parameters() <= 20e6
     assert AutoTokenizer.from_pretrained(path).chat_template
-    assert DEMO_MODEL_ID == "sluicegate-demo"
+    assert DEMO_MODEL_ID == "demo-random"
 
 
 def test_concurrent_first_uses_of_the_demo_model_agree(tmp_path: Path, monkeypatch) -> None:

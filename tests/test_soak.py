@@ -16,7 +16,7 @@ TIMEOUT_S = 600
 def test_the_short_soak_runs_clean(tmp_path):
     report = tmp_path / "soak.json"
     command = [sys.executable, "-m", "benchmarks.soak", "--short", "--json", str(report),
-               "--launch", "--device cpu --num-kv-blocks 32 --log-level warning"]  # fmt: skip
+               "--launch", "--model demo-random --device cpu --num-kv-blocks 32 --log-level warning"]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,

@@ -233,7 +233,20 @@ def _free_port() -> int:
 def test_sluice_serve_tp2_serves_the_demo_model_and_a_dead_worker_turns_health_503():
     openai = pytest.importorskip("openai")
     port = _free_port()
-    command = [sys.executable, "-m", "api", "serve", "-tp", "2", "--device", "cpu", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "api",
+        "serve",
+        "-tp",
+        "2",
+        "--model",
+        "demo-random",
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+    ]
     command += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
@@ -243,15 +256,15 @@ def test_sluice_serve_tp2_serves_the_demo_model_and_a_dead_worker_turns_health_5
     try:
         _wait_until(lambda: _health(url) == 200, timeout=180, process=process, log=log)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60)
-        assert [m.id for m in client.models.list().data] == ["sluicegate-demo"]
+        assert [m.id for m in client.models.list().data] == ["demo-random"]
         reply = client.chat.completions.create(
-            model="sluicegate-demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+            model="demo-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
         )
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
 
         (worker_pid,) = [int(m) for m in re.findall(r"worker rank 1 started \(pid (\d+)\)", "".join(log))]
         stream = client.completions.create(
-            model="sluicegate-demo", prompt="Hi", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+            model="demo-random", prompt="Hi", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
         )
         next(iter(stream))
         os.kill(worker_pid, signal.SIGKILL)
@@ -289,7 +302,7 @@ def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
     port, master_port = _free_port(), _free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0"]
     command += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
-    command += ["-m", "api", "serve", "-tp", "2", "--device", "cpu", "--port", str(port)]
+    command += ["-m", "api", "serve", "-tp", "2", "--model", "demo-random", "--device", "cpu", "--port", str(port)]
     command += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
     command += ["--no-engine-process"]  # rank 0's engine in the server's process: one process less to start
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -298,7 +311,7 @@ def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until(lambda: _health(url) == 200, timeout=180, process=process, log=log)
-        body = {"model": "sluicegate-demo", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
+        body = {"model": "demo-random", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
         joined = "".join(log)
