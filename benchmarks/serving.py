@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def launched_server(serve_flags: str, timeout: float) -> Iterator[str]:
-    """Runs the server in a child process until the block ends; yields its base URL."""
+def launched_server(serve_flags: str, timeout: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Runs `python -m api serve SERVE_FLAGS` on a free loopback port until the block ends (stopping
+    it with SIGTERM, then SIGKILL after 60 s); yields its base URL and process."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -302,7 +303,7 @@ def launched_server(serve_flags: str, timeout: float) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
             time.sleep(0.5)
-        yield url
+        yield url, process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -341,7 +342,7 @@ def _run(args: argparse.Namespace) -> int:
         print("--request-rate must be > 0", file=sys.stderr)
         return 2
     if args.launch is not None:
-        with launched_server(args.launch, args.launch_timeout) as url:
+        with launched_server(args.launch, args.launch_timeout) as (url, _):
             args.base_url = url
             summary = asyncio.run(run_benchmark(args))
     else:

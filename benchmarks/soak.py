@@ -27,18 +27,16 @@ import contextlib
 import json
 import os
 import random
-import shlex
 import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from benchmarks.serving import launched_server
 
 # /metrics names: ours, and the vLLM-style names the server may expose instead (labels ignored).
 RUNNING = ("sluice_requests_running", "vllm:num_requests_running", "sluice:num_requests_running")
@@ -580,38 +578,6 @@ def format_table(results: list[PhaseResult], restart_s: float | None) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def launch(serve_flags: str, timeout: float) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m api serve SERVE_FLAGS` on a free loopback port until the block ends (or the SIGTERM
-    phase stops it); yields its URL and process."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "api", "serve", *shlex.split(serve_flags), "--host", "127.0.0.1"]
-    process = subprocess.Popen([*command, "--port", str(port)])
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
-            time.sleep(0.5)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -640,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.launch is not None:
-        with launch(args.launch, args.launch_timeout) as (url, process):
+        with launched_server(args.launch, args.launch_timeout) as (url, process):
             harness = Harness(args, url, process.pid, process)
             results = asyncio.run(harness.run())
     else:
