@@ -124,6 +124,15 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def exited(self) -> bool:
+        """The server has stopped serving (asked to, or by itself: a dead engine; see `exit_code`)."""
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    @property
+    def exit_code(self) -> int:
+        return self.server.exit_code
+
     def start(self, timeout: float = 30.0) -> BackgroundServer:
         self._thread.start()
         deadline = time.monotonic() + timeout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
+import time
 
 import httpx
 import openai
@@ -276,7 +278,7 @@ def test_a_batch_with_one_bad_prompt_leaves_the_engine_serving(http):
     assert ok.status_code == 200
 
 
-def test_health_is_503_and_requests_fail_cleanly_once_the_engine_loop_has_died(serve_tiny_model):
+def test_requests_fail_cleanly_and_the_server_exits_1_once_the_in_process_engine_loop_has_died(serve_tiny_model):
     with serve_tiny_model("dying", num_kv_blocks=32, max_model_len=128) as running:
         client = httpx.Client(base_url=running.url, timeout=30)
         engine = running.app.state.sluice.engine
@@ -290,5 +292,13 @@ def test_health_is_503_and_requests_fail_cleanly_once_the_engine_loop_has_died(s
         failed = client.post("/v1/chat/completions", json=body)
         assert failed.status_code == 503
         assert failed.json()["error"]["code"] == "engine_dead" and "Traceback" not in failed.text
-        assert client.get("/health").status_code == 503
-        assert client.post("/v1/chat/completions", json=body).status_code == 503
+        # An in-process engine has no restart: it is failed for good, so the server stops with exit
+        # code 1 and a supervisor takes over. Until it is down, /health and requests say 503.
+        deadline = time.monotonic() + 30
+        while not running.exited:
+            assert time.monotonic() < deadline, "the server kept running with a dead engine"
+            with contextlib.suppress(httpx.TransportError):
+                assert client.get("/health").status_code == 503
+                assert client.post("/v1/chat/completions", json=body).status_code == 503
+            time.sleep(0.05)
+        assert running.exit_code == 1
