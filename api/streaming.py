@@ -24,9 +24,16 @@ SSE_HEADERS = {
 }
 
 
+# Line breaks to Python's str.splitlines (and so to httpx's aiter_lines) that JSON leaves raw. SSE
+# itself splits only on CR and LF, but a client that reads events line by line that way would cut
+# an event in two, so they go out as JSON escapes, which decode to the same text.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
     # Compact separators keep per-token events small; ensure_ascii=False keeps them readable.
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS_JSON_KEEPS)
+    return b"data: " + data.encode() + b"\n\n"
 
 
 def sse_error(message: str, code: str | None = None) -> bytes:

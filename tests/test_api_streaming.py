@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from api.streaming import sse_event
+
 MODEL = "tiny-stream"
 USER = [{"role": "user", "content": "Tell me a story."}]
 NO_EOS = {"ignore_eos": True}  # a vLLM extension: the tiny random model may emit EOS at any step
@@ -166,3 +168,12 @@ def test_metrics_has_every_series_the_issue_names(server):
     assert metrics["sluice_time_to_first_token_seconds_count"] > 0
     assert metrics["sluice_inter_token_latency_seconds_count"] > 0
     assert metrics["sluice_requests_total[length]"] >= 32
+
+
+def test_an_event_is_one_line_to_clients_that_split_lines_like_str_splitlines():
+    # httpx's aiter_lines (and any reader built on str.splitlines) also breaks at U+0085, U+2028 and
+    # U+2029, which JSON leaves raw; a model can emit them. The event must still parse to the payload.
+    payload = {"choices": [{"delta": {"content": "a\x85b\u2028c\u2029d\nе"}}]}
+    lines = sse_event(payload).decode().splitlines()
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: ") :]) == payload
