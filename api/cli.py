@@ -22,7 +22,7 @@ from api.vllm_flags import (
     read_chat_template,
 )
 from engine.config import EngineConfig
-from engine.sampling_params import MAX_LOGPROBS
+from engine.sampling.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger("sluice")
 
@@ -229,7 +229,7 @@ def server_options_from_args(args: argparse.Namespace, config: EngineConfig | No
 
 def _model_path(config: EngineConfig | None) -> str:
     """Where the engine's model is on disk (the built-in model when none is given)."""
-    from engine.builtin_models import resolve_model
+    from engine.models.builtin_models import resolve_model
 
     return resolve_model(config.model if config else None, config.gguf_file if config else None).path
 

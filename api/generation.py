@@ -23,7 +23,7 @@ from api.errors import APIError, bad_request_from_value_error
 from api.metrics import RequestTracker, ServerMetrics
 from engine.async_llm import EngineDeadError
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
 
 T = TypeVar("T")
 

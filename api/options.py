@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling_params import MAX_LOGPROBS
+from engine.sampling.sampling_params import MAX_LOGPROBS
 
 # vLLM's defaults for --allowed-origins, --allowed-methods and --allowed-headers: CORS open to all.
 ALLOW_ALL = ("*",)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from api.input_limits import check_request_tree
-from engine.sampling_params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_STRINGS
+from engine.sampling.sampling_params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_STRINGS
 
 MAX_N = 128  # OpenAI's limit on choices per request
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

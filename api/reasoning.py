@@ -14,7 +14,7 @@ Qwen3's template with `enable_thinking: false`). Otherwise the parser's default 
 After the end marker everything is answer; a second block is not looked for (as in vLLM).
 
 A constrained answer (JSON response_format, a regex, forced tool calls) is constrained after the
-thinking only: the engine's grammar matcher waits for the end-marker token (`engine.structured_outputs
+thinking only: the engine's grammar matcher waits for the end-marker token (`engine.sampling.structured_outputs
 .ThinkingMarkers`). Both markers must be single tokens of the vocabulary, as they are for these
 families; the text split and the grammar agree as long as the model writes them as those tokens.
 """
@@ -25,7 +25,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from engine.structured_outputs import ThinkingMarkers
+from engine.sampling.structured_outputs import ThinkingMarkers
 
 THINK_START = "<think>"
 THINK_END = "</think>"

@@ -7,8 +7,8 @@ from typing import Any
 
 from api.errors import APIError, bad_request_from_value_error
 from api.protocol import SamplingFields
-from engine.sampling_params import OutputKind, SamplingParams
-from engine.structured_outputs import StructuredOutputsParams
+from engine.sampling.sampling_params import OutputKind, SamplingParams
+from engine.sampling.structured_outputs import StructuredOutputsParams
 
 
 def build_sampling_params(

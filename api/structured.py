@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from api.errors import APIError, bad_request_from_value_error
 from api.protocol import ResponseFormat, SamplingFields
-from engine.structured_outputs import StructuredOutputsParams
+from engine.sampling.structured_outputs import StructuredOutputsParams
 
 RESPONSE_FORMAT = "response_format"
 

@@ -28,7 +28,7 @@ from api.tool_parsers import (
     ToolCallStart,
     ToolParserEvent,
 )
-from engine.structured_outputs import StructuredOutputsParams
+from engine.sampling.structured_outputs import StructuredOutputsParams
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.structured_outputs import (
+from engine.sampling.structured_outputs import (
     StructuredOutputsParams,
     import_xgrammar,
     json_schema_grammar,

@@ -180,7 +180,7 @@ if "$PYTHON" -c "import fastapi, uvicorn" 2>/dev/null; then
         serve_config=/tmp/sluice-qwen3/serve.yaml
         { cat configs/h100-qwen3-0.6b.yaml; printf 'enforce_eager: true\nasync_scheduling: false\n'; } >"$serve_config"
     fi
-    tokenizer=$("$PYTHON" -c "from engine.demo_model import demo_model_path; print(demo_model_path())")
+    tokenizer=$("$PYTHON" -c "from engine.models.demo_model import demo_model_path; print(demo_model_path())")
     step serving "$(cap 75 65)" "$PYTHON" -m benchmarks.serving --launch "--config $serve_config \
         --model /tmp/sluice-qwen3 --load-format dummy --tokenizer $tokenizer --log-level warning --shutdown-timeout 3" \
         --num-prompts 512 --concurrency 128 --input-len 512 --output-len 256 --warmup 8 --json "$OUT_DIR/serving.json"

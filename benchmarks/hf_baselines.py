@@ -40,7 +40,7 @@ def use_sdpa(model: torch.nn.Module) -> None:
 
 def load_model_only(args: argparse.Namespace, model_dir: str) -> torch.nn.Module:
     """The model the engine would build (same seed, same weights), without a KV cache or graphs."""
-    from engine.loader import load
+    from engine.execution.loader import load
 
     config = dummy_engine_config(args, model_dir)
     model = load(config).model

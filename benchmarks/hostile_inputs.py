@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-# The built-in demo model's served name (engine.demo_model.DEMO_MODEL_ID, which the tests check),
+# The built-in demo model's served name (engine.models.demo_model.DEMO_MODEL_ID, which the tests check),
 # spelled out so that a client importing the corpus does not import torch.
 MODEL = "demo-random"
 JSON_HEADERS = {"Content-Type": "application/json"}

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.roofline import measure_bandwidth, model_costs
 from benchmarks.workload import sync_device
 from engine import LLM, SamplingParams
-from engine.sampling_params import OutputKind
+from engine.sampling.sampling_params import OutputKind
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

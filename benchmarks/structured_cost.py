@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.workload import make_workload
 from engine import LLM, SamplingParams
-from engine.structured_outputs import StructuredOutputsParams
+from engine.sampling.structured_outputs import StructuredOutputsParams
 
 SCHEMA = {
     "type": "object",

@@ -175,7 +175,7 @@ def run_engine(
 def measure_decode_batch1(llm, temperature: float, prompt_len: int = 128, num_steps: int = 256) -> dict[str, float]:
     """Seconds per engine step with one sequence decoding (after its prefill step)."""
     from engine import SamplingParams
-    from engine.sampling_params import OutputKind
+    from engine.sampling.sampling_params import OutputKind
 
     engine = llm.engine
     rng = random.Random(7)
@@ -201,7 +201,7 @@ def measure_decode_batch1(llm, temperature: float, prompt_len: int = 128, num_st
 
 def _model_dir(preset: Preset, config_path: str | None) -> str:
     if preset.model and not config_path:
-        from engine.builtin_models import resolve_model
+        from engine.models.builtin_models import resolve_model
 
         return resolve_model(preset.model).path  # the cache's directory: never removed below
     directory = tempfile.mkdtemp(prefix="sluice-bench-")

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from engine import LLM
-    from engine.demo_model import DEMO_MODEL_DIMS
+    from engine.models.demo_model import DEMO_MODEL_DIMS
 
     report: dict[str, Any] = {"load_average": os.getloadavg()[0], "cpu_count": os.cpu_count()}
     report.update(measure_collectives(args.tensor_parallel_size, DEMO_MODEL_DIMS["hidden_size"], args.iterations))

@@ -54,7 +54,7 @@ class Preset:
     repeat: int = 1  # timed runs per system; the best counts
     config_file: str | None = None  # a published config.json (relative to the repo root)
     config: dict[str, Any] | None = None  # or an inline one
-    model: str | None = None  # or a real checkpoint, its weights read (engine/builtin_models.py names it)
+    model: str | None = None  # or a real checkpoint, its weights read (engine/models/builtin_models.py names it)
     # Targets from the issues: engine speedup over each baseline, share of the roofline bound,
     # and the batch-1 decode step over weight bytes / bandwidth.
     targets: dict[str, float] = field(default_factory=dict)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from engine.sampling_params import OutputKind, SamplingParams
+from engine.sampling.sampling_params import OutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from engine.async_llm import AsyncLLM

@@ -20,7 +20,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput, merge_delta_outputs
-from engine.sampling_params import OutputKind, SamplingParams
+from engine.sampling.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 

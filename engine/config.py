@@ -12,7 +12,8 @@ import yaml
 
 @dataclass
 class EngineConfig:
-    # Hub id, local directory, .gguf file, or a built-in name (engine/builtin_models.py); None: SmolLM2-135M-Instruct.
+    # Hub id, local directory, .gguf file, or a built-in name (engine/models/builtin_models.py);
+    # None: SmolLM2-135M-Instruct.
     model: str | None = None
     gguf_file: str | None = None  # a .gguf file inside the directory `model`
     tokenizer: str | None = None  # defaults to the model

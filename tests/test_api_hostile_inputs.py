@@ -18,7 +18,7 @@ from api.cli import build_parser, main
 from api.server import BackgroundServer
 from api.tool_parsers import get_tool_parser
 from benchmarks.hostile_inputs import CASES, CHAT, MODEL, HostileCase
-from engine.demo_model import DEMO_MODEL_ID
+from engine.models.demo_model import DEMO_MODEL_ID
 
 API_KEY = "sk-test-hostile"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

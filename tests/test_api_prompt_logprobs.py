@@ -15,7 +15,7 @@ from api.server import BackgroundServer
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
 
 MODEL = "tiny-scorer"
 PROMPT = "The engine streams text back to the client as soon as each token is sampled."
@@ -54,7 +54,7 @@ def _check_entries(entries, ids, reference, k):
 def test_the_engine_computes_prompt_logprobs_across_chunks_and_cache_hits(model_dir, reference, monkeypatch):
     # A 7-token step budget cuts the prompt into chunks; the second request could read it from the cache;
     # the rows of a chunk go through the LM head 4 at a time.
-    monkeypatch.setattr("engine.prompt_logprobs.ROWS_PER_SLICE", 4)
+    monkeypatch.setattr("engine.sampling.prompt_logprobs.ROWS_PER_SLICE", 4)
     llm = LLM(model=str(model_dir), device="cpu", num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=7)
     ids = llm.get_tokenizer().encode(PROMPT)
     params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)

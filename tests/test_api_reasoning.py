@@ -29,7 +29,7 @@ from api.reasoning import (
 from api.server import BackgroundServer
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
-from engine.sampling_params import MAX_REPETITION_PENALTY
+from engine.sampling.sampling_params import MAX_REPETITION_PENALTY
 from tests.thinking_model import QWEN3_STYLE_TEMPLATE, build_thinking_model_dir
 
 MODEL = "tiny-thinker"
@@ -119,7 +119,7 @@ def test_the_parser_is_detected_from_the_template_only_where_unambiguous():
 
 
 def test_a_parser_needs_its_markers_as_single_tokens():
-    from engine.demo_model import build_tokenizer
+    from engine.models.demo_model import build_tokenizer
 
     with pytest.raises(ValueError, match="reasoning_parser.*<think>"):
         get_reasoning_parser("qwen3", build_tokenizer())
@@ -128,7 +128,7 @@ def test_a_parser_needs_its_markers_as_single_tokens():
 def test_the_grammar_waits_for_the_end_of_the_thinking(tokenizer):
     import torch
 
-    from engine.structured_outputs import GrammarManager, StructuredOutputsParams, ThinkingMarkers
+    from engine.sampling.structured_outputs import GrammarManager, StructuredOutputsParams, ThinkingMarkers
 
     vocab = len(tokenizer)
     start, end = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])

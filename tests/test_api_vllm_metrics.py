@@ -13,7 +13,7 @@ import pytest
 from api.metrics import ServerMetrics
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
 
 MODEL = "tiny-metrics"
 # vLLM's (vllm/v1/metrics/loggers.py), written out here as the spec.

@@ -24,8 +24,8 @@ from api.options import ServerOptions
 from api.server import BackgroundServer
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
-from engine.sampler import Sampler, SamplingRow
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampler import Sampler, SamplingRow
+from engine.sampling.sampling_params import SamplingParams
 
 MODEL = "tiny-vllm"
 ALIAS = "gpt-4o-mini"

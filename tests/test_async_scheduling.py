@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.model_runner import LaunchedStep
-from engine.structured_outputs import StructuredOutputsParams
+from engine.execution.model_runner import LaunchedStep
+from engine.sampling.structured_outputs import StructuredOutputsParams
 
 TEXT_PROMPTS = ["Héllo wörld", "The quick brown fox jumps over", "Ж", "🚀 ünïcödé story time, once upon a"]
 

@@ -15,7 +15,7 @@ import httpx
 
 from benchmarks import profile_step, report, serving, structured_cost, throughput
 from benchmarks.workload import REPO_ROOT, make_workload
-from engine.demo_model import demo_model_path
+from engine.models.demo_model import demo_model_path
 
 
 def test_throughput_runs_every_system_on_the_same_workload(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import engine.builtin_models as builtin_models
-import engine.gguf_checkpoint as gguf_checkpoint
-from engine.builtin_models import SMOLLM2_ID, resolve_model
-from engine.demo_model import DEMO_MODEL_ID
+import engine.models.builtin_models as builtin_models
+import engine.models.gguf_checkpoint as gguf_checkpoint
+from engine.models.builtin_models import SMOLLM2_ID, resolve_model
+from engine.models.demo_model import DEMO_MODEL_ID
 
 
 @pytest.fixture

@@ -219,7 +219,7 @@ def test_launching_a_decode_step_never_waits_for_the_gpu(model_dir_factory):
     to the host all queue work without waiting for the GPU (issue 4): the host waits only when it
     reads a step's tokens, and with async scheduling that is after the next step is queued."""
     from engine import SamplingParams
-    from engine.sampler import SamplingRow
+    from engine.sampling.sampler import SamplingRow
 
     llm = _engine(model_dir_factory("qwen3"), "bfloat16")
     engine = llm.engine
@@ -254,7 +254,7 @@ def test_json_schema_outputs_on_the_gpu(model_dir_factory):
     from shared_specs import SCHEMAS
 
     from engine import SamplingParams
-    from engine.structured_outputs import StructuredOutputsParams
+    from engine.sampling.structured_outputs import StructuredOutputsParams
 
     llm = _engine(model_dir_factory("qwen3"), "bfloat16")
     schema = SCHEMAS["nested"]
@@ -280,7 +280,7 @@ def test_decode_graphs_share_one_logits_buffer(model_dir_factory):
     """Graphs for 20 batch buckets hold one bucket's worth of logits: one buffer per bucket came to
     about 666 MB at Qwen's vocabulary in bf16 (issue 9), more than the KV sizing's headroom."""
     from engine import LLM, SamplingParams
-    from engine.cuda_graphs import DecodeGraphRunner
+    from engine.execution.cuda_graphs import DecodeGraphRunner
 
     vocab, max_batch = 151_936, 256
     settings = {**ENGINE_SETTINGS, "max_num_seqs": max_batch, "num_kv_blocks": NUM_KV_BLOCKS}

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import engine.demo_model as demo_model
-from engine.demo_model import (
+import engine.models.demo_model as demo_model
+from engine.models.demo_model import (
     ARCHITECTURES,
     DEMO_MODEL_ID,
     IM_END,

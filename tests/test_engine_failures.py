@@ -14,7 +14,7 @@ import pytest
 from engine.async_llm import EngineDeadError, EngineStoppedError, RequestFailedError, StreamingEngineClient
 from engine.engine_process import EngineProcess, RestartBudget, _serve
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
 
 WAIT_S = 10
 

@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.kernels import sampling  # noqa: E402
 from engine.kernels.sampling import gumbel_argmax  # noqa: E402
-from engine.sampler import Sampler, SamplingRow, make_generator  # noqa: E402
+from engine.sampling.sampler import Sampler, SamplingRow, make_generator  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

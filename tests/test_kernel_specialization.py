@@ -47,7 +47,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.attention import hf_integration, triton_attention  # noqa: E402
 from engine.attention.metadata import ForwardContext, forward_context  # noqa: E402
 from engine.kernels import install, rms_norm, rotary, sampling, silu_mul  # noqa: E402
-from engine.sampler import SamplerOutput  # noqa: E402
+from engine.sampling.sampler import SamplerOutput  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.kv_cache import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
+from engine.scheduling.kv_cache import KVCacheManager
+from engine.scheduling.request import Request
 
 
 def _request(tokens: list[int], request_id: str = "r") -> Request:
@@ -115,7 +115,7 @@ def test_a_parent_that_only_hashes_alike_never_chains_into_another_prefix():
 
 
 def test_chain_digests_identify_the_whole_prefix():
-    from engine.kv_cache import chain_digest
+    from engine.scheduling.kv_cache import chain_digest
 
     root = b"r" * 32
     assert chain_digest(root, [1, 2]) == chain_digest(root, [1, 2])

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, SamplingParams
-from engine.builtin_models import resolve_model, smollm2_gguf_path
+from engine.models.builtin_models import resolve_model, smollm2_gguf_path
 
 MODEL = "smollm2-135m-instruct"
 CHATS = [

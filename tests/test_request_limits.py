@@ -7,7 +7,7 @@ import math
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.sampling_params import GREEDY_TEMPERATURE_EPS, MAX_REPETITION_PENALTY, MAX_STOP_STRINGS
+from engine.sampling.sampling_params import GREEDY_TEMPERATURE_EPS, MAX_REPETITION_PENALTY, MAX_STOP_STRINGS
 
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 4  # 64 slots of K/V

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from engine.sampler import Sampler, SamplingRow, make_generator
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampler import Sampler, SamplingRow, make_generator
+from engine.sampling.sampling_params import SamplingParams
 
 
 # numpy oracles in float64 (scipy is imported only by the chi-square tests: the GPU machine may

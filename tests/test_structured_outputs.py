@@ -13,7 +13,7 @@ import torch
 from shared_specs import SCHEMAS
 
 from engine import LLM, SamplingParams
-from engine.structured_outputs import StructuredOutputsParams, apply_token_bitmask
+from engine.sampling.structured_outputs import StructuredOutputsParams, apply_token_bitmask
 
 needs_xgrammar = pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
 

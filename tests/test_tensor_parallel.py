@@ -137,7 +137,7 @@ def test_prefix_cache_hits_and_stop_strings_give_the_same_output(engines, async_
 @ASYNC_MODES
 @ONE_MODEL
 def test_grammar_constrained_outputs_are_equal(engines, async_scheduling):
-    from engine.structured_outputs import StructuredOutputsParams
+    from engine.sampling.structured_outputs import StructuredOutputsParams
 
     _, single, sharded = engines
     constraint = StructuredOutputsParams(json=SCHEMAS["enum"])

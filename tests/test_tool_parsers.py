@@ -21,7 +21,7 @@ from api.tool_parsers import (
     parser_for_template,
 )
 from engine import LLM, SamplingParams
-from engine.demo_model import CHAT_TEMPLATE
+from engine.models.demo_model import CHAT_TEMPLATE
 
 needs_xgrammar = pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
 

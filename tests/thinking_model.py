@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from engine.demo_model import CHAT_TEMPLATE, build_model_dir, build_tokenizer
+from engine.models.demo_model import CHAT_TEMPLATE, build_model_dir, build_tokenizer
 
 _GENERATION_PROMPT = """{%- if add_generation_prompt %}
 {{- '<|im_start|>assistant\\n' }}

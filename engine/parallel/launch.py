@@ -36,7 +36,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from engine.config import EngineConfig
-from engine.loader import check_tensor_parallel, model_path_and_name, resolve_device
+from engine.execution.loader import check_tensor_parallel, model_path_and_name, resolve_device
 from engine.parallel.group import COLLECTIVE_TIMEOUT, ParallelGroup, init_group
 from engine.parallel.transport import StepSender
 

@@ -32,7 +32,7 @@ def run_worker(config: EngineConfig, store: dist.Store | None = None) -> None:
     """Joins rank 0 (through `store`, or torchrun's environment), then serves its steps."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from engine.loader import resolve_device
+    from engine.execution.loader import resolve_device
 
     group = init_group(rank, world_size, local_rank, resolve_device(config.device).type, store=store)
     try:
@@ -42,8 +42,8 @@ def run_worker(config: EngineConfig, store: dist.Store | None = None) -> None:
 
 
 def serve_steps(config: EngineConfig, group: ParallelGroup) -> None:
-    from engine.loader import load
-    from engine.model_runner import ModelRunner, StepInputs, StepLayout, unpack_step
+    from engine.execution.loader import load
+    from engine.execution.model_runner import ModelRunner, StepInputs, StepLayout, unpack_step
 
     # The tokenizer only feeds rank 0's detokenizer and grammars.
     config = dataclasses.replace(config, skip_tokenizer_init=True)

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.outputs import TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.structured_outputs import SequenceGrammar
+    from engine.sampling.structured_outputs import SequenceGrammar
 
 
 class RequestStatus(enum.Enum):

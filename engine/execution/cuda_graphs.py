@@ -25,7 +25,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
-    from engine.model_runner import ModelRunner, StepInputs
+    from engine.execution.model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.execution.transfers import host_to_device, to_pinned_host
 from engine.outputs import TokenLogprob
-from engine.request import Request
-from engine.transfers import host_to_device, to_pinned_host
+from engine.scheduling.request import Request
 
 
 @dataclass

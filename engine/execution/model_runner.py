@@ -15,14 +15,14 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata, ForwardContext, forward_context
 from engine.config import EngineConfig
-from engine.loader import LoadedModel
+from engine.execution.loader import LoadedModel
+from engine.execution.transfers import host_to_device, to_pinned_host
 from engine.outputs import TokenLogprob
-from engine.prompt_logprobs import LaunchedPromptLogprobs, PromptLogprobRows, find_prompt_rows
-from engine.request import Request
-from engine.sampler import Sampler, SamplerOutput, SamplingRow, unpack_logprobs
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch
-from engine.transfers import host_to_device, to_pinned_host
+from engine.sampling.prompt_logprobs import LaunchedPromptLogprobs, PromptLogprobRows, find_prompt_rows
+from engine.sampling.sampler import Sampler, SamplerOutput, SamplingRow, unpack_logprobs
+from engine.sampling.sampling_params import SamplingParams
+from engine.scheduling.request import Request
+from engine.scheduling.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class ModelRunner:
             self.backend,
         )
         if self.device.type == "cuda" and not config.enforce_eager:
-            from engine.cuda_graphs import DecodeGraphRunner
+            from engine.execution.cuda_graphs import DecodeGraphRunner
 
             # Under tensor parallelism every rank captures here, at the same sizes in the same order
             # (the model's all-reduces are inside the graphs), and rank 0 tells the workers which

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from engine.attention import hf_integration
-from engine.builtin_models import resolve_model
 from engine.config import EngineConfig
+from engine.models.builtin_models import resolve_model
 
 if TYPE_CHECKING:
     from engine.parallel.group import ParallelGroup

@@ -1,7 +1,7 @@
 """Tiny local models and a real byte-level BPE tokenizer, built without any model hub.
 
 The tests build their models here, and `--model demo-random` (or the fallback when the real
-default model's package is missing, see engine/builtin_models.py) serves `demo_model_path()`.
+default model's package is missing, see engine/models/builtin_models.py) serves `demo_model_path()`.
 Weights are random, so the models talk noise; what matters is that the directories have exactly the
 layout of a hub checkpoint (config.json, safetensors weights, tokenizer files with a chat template,
 generation_config.json) and load through the same transformers code path.
@@ -18,7 +18,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.model_cache import build_once
+from engine.models.model_cache import build_once
 
 # The name that selects it (`--model demo-random`) and that it is served as.
 DEMO_MODEL_ID = "demo-random"
@@ -296,7 +296,7 @@ def demo_model_path() -> Path:
     """The built-in random demo model's directory, built on first use and reused afterwards.
 
     Lives in `$SLUICE_CACHE_DIR/demo-model-v1` (default `~/.cache/sluicegate/demo-model-v1`),
-    built atomically (`engine.model_cache.build_once`).
+    built atomically (`engine.models.model_cache.build_once`).
     """
     return build_once(DEMO_MODEL_DIR_NAME, lambda tmp: build_model_dir(tmp, arch="qwen3", **DEMO_MODEL_DIMS))
 

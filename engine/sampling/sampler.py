@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engine.execution.transfers import host_to_device
 from engine.outputs import TokenLogprob
-from engine.sampling_params import SamplingParams
-from engine.transfers import host_to_device
+from engine.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.structured_outputs import SequenceGrammar
+    from engine.sampling.structured_outputs import SequenceGrammar
 
 
 @dataclass

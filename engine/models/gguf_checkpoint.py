@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_cache import build_once
+from engine.models.model_cache import build_once
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from engine.structured_outputs import StructuredOutputsParams
+from engine.sampling.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-45 gives
