@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed; the Triton backend cannot run")
 
-from engine import LLM, SamplingParams, cuda_graphs  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.execution import cuda_graphs  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
