@@ -87,7 +87,9 @@ def serve(app: FastAPI, *, host: str, port: int, shutdown_timeout: float, log_le
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         server.run()
-    except SystemExit:
+    except SystemExit as stop:
+        if not server.started:  # uvicorn could not start (its port taken): its own non-zero status
+            return stop.code if isinstance(stop.code, int) else 1
         return server.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)

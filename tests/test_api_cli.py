@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,16 @@ def test_python_dash_m_api_takes_the_same_flags():
         "--tool-call-parser",
     ):
         assert flag in result.stdout
+
+
+def test_a_server_that_cannot_bind_its_port_exits_non_zero():
+    """A supervisor (or torchrun, for rank 0) must see a failed start as a failure, not a clean drain."""
+    from fastapi import FastAPI
+
+    from api.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve(FastAPI(), host="127.0.0.1", port=port, shutdown_timeout=1, log_level="critical") != 0

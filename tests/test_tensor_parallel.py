@@ -9,6 +9,7 @@ scheduling. Every engine here starts real worker processes, so engines are share
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -224,9 +225,16 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_at_start(model_dir_fac
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999): the ports gloo, torchrun and the
+    test's own connections are handed come from that range, so none of them can take it meanwhile."""
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.mark.slow
@@ -318,7 +326,8 @@ def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
         assert "joined through torchrun's environment" in joined and "worker rank 1 of 2 ready" in joined
         assert "started (pid" not in joined  # torchrun started the worker, not the engine
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # torchrun stops every rank it started
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone already (a failed start)
+            os.killpg(process.pid, signal.SIGTERM)  # torchrun stops every rank it started
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
