@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
+from tests.generate_oracle import greedy_generate
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 MAX_TOKENS = 12
@@ -22,23 +23,6 @@ def _random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[
     rng = random.Random(seed)
     # Skip the special tokens at the top of the vocabulary so no prompt contains an EOS.
     return [[rng.randrange(10, vocab_size - 10) for _ in range(n)] for n in lengths]
-
-
-def _oracle(model_dir, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    results = []
-    for prompt in prompts:
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=eos,
-            )
-        results.append(out[0, len(prompt) :].tolist())
-    return results
 
 
 def _engine_tokens(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -67,7 +51,7 @@ def arch_case(request, model_dir_factory):
     lengths = [3, 17, 40, 9, 64, 1, 25, 33, 50]
     llm_probe = AutoModelForCausalLM.from_pretrained(model_dir).config
     prompts = _random_prompts(llm_probe.vocab_size, lengths, seed=len(request.param))
-    return model_dir, prompts, _oracle(model_dir, prompts, MAX_TOKENS)
+    return model_dir, prompts, greedy_generate(model_dir, prompts, MAX_TOKENS)
 
 
 def _llm(model_dir, **overrides) -> LLM:
@@ -118,7 +102,7 @@ def test_prefix_cache_hits_keep_outputs_exact(model_dir_factory, async_schedulin
     shared = _random_prompts(vocab, [48], seed=7)[0]
     suffixes = _random_prompts(vocab, [5, 11, 1, 20], seed=8)
     prompts = [shared + s for s in suffixes]
-    expected = _oracle(model_dir, prompts, MAX_TOKENS)
+    expected = greedy_generate(model_dir, prompts, MAX_TOKENS)
     llm = _llm(model_dir, block_size=16, async_scheduling=async_scheduling)
     first = _engine_tokens(llm, prompts[:1], MAX_TOKENS)
     assert llm.stats()["prefix_cache_hit_tokens"] == 0
@@ -136,7 +120,7 @@ def test_triton_backend_matches_generate(model_dir_factory):
     model_dir = model_dir_factory("llama")
     vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
     prompts = _random_prompts(vocab, [5, 21, 2], seed=3)
-    expected = _oracle(model_dir, prompts, 4)
+    expected = greedy_generate(model_dir, prompts, 4)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels need CUDA tensors there
     # An explicit pool: on a GPU the engine would otherwise profile and take 90% of the card.
     llm = _llm(model_dir, attention_backend="triton", max_num_batched_tokens=16, device=device, num_kv_blocks=64)

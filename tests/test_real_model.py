@@ -16,11 +16,11 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
 from engine.models.builtin_models import resolve_model, smollm2_gguf_path
+from tests.generate_oracle import greedy_generate
 
 MODEL = "smollm2-135m-instruct"
 CHATS = [
@@ -45,18 +45,7 @@ def prompts(smollm2_dir: Path) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def oracle(smollm2_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     """transformers' greedy generate in float32, one prompt at a time, stopping at the model's EOS."""
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    results = []
-    for prompt in prompts:
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=PARITY_TOKENS,
-                do_sample=False,
-            )
-        results.append(out[0, len(prompt) :].tolist())
-    return results
+    return greedy_generate(smollm2_dir, prompts, PARITY_TOKENS)
 
 
 def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
