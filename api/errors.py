@@ -128,7 +128,7 @@ def _is_union_member(part: str) -> bool:
     return "[" in part or part in ("str", "int", "float", "bool", "none") or part[:1].isupper()
 
 
-def _param_path(parts: Sequence[str | int]) -> str | None:
+def param_path(parts: Sequence[str | int]) -> str | None:
     """`["messages", 0, "content"]` -> `"messages[0].content"`: OpenAI's param notation."""
     path = ""
     for part in parts:
@@ -160,7 +160,7 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
     if deepest[0][1].get("type") == "union_tag_invalid":
         # The bad value is the discriminator field itself (a message's `role`, a part's `type`).
         loc = [*loc, str((deepest[0][1].get("ctx") or {}).get("discriminator", "")).strip("'")]
-    param = _param_path(loc)
+    param = param_path(loc)
     if all(e.get("type") == "missing" for _, e in deepest):
         return APIError(400, f"Missing required parameter: '{param}'.", param=param)
     messages: list[str] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.errors import APIError
+from api.errors import APIError, param_path
 
 # A JSON schema of 20 nested objects is about 45 levels of the request body (each object adds
 # "properties" and the property's own schema); 300 levels broke pickling before this limit.
@@ -73,14 +73,8 @@ def _check_text(text: str, path: tuple[str | int, ...]) -> None:
 
 
 def _param(path: tuple[str | int, ...]) -> str:
-    """`("messages", 0, "content")` -> `"messages[0].content"` (OpenAI's param notation)."""
-    result = ""
-    for part in path:
-        if isinstance(part, int):
-            result += f"[{part}]"
-        else:
-            result += f".{_printable(part)}" if result else _printable(part)
-    return result
+    """`("messages", 0, "content")` -> `"messages[0].content"`, with keys made encodable."""
+    return param_path([part if isinstance(part, int) else _printable(part) for part in path]) or ""
 
 
 def _printable(key: str) -> str:
