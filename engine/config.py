@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from engine.speculation.config import SpeculativeConfig
+
 
 @dataclass
 class EngineConfig:
@@ -40,6 +42,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False  # let a hub model run its own Python (modeling, tokenizer)
     revision: str | None = None  # the model's hub branch, tag or commit (default: main)
+    # Speculative decoding, vLLM's dict: {"method": "ngram", "num_speculative_tokens": 3,
+    # "prompt_lookup_min": 1, "prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH,
+    # "num_speculative_tokens": 3}; a JSON string is read as that dict. None: off.
+    speculative_config: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -83,6 +89,14 @@ class EngineConfig:
             "attention_backend",
             f"must be auto, torch or triton, got {self.attention_backend!r}",
         )
+        speculative = SpeculativeConfig.parse(self.speculative_config)
+        if speculative is not None:
+            self.speculative_config = dataclasses.asdict(speculative)  # plain data: JSON for TP workers
+            _check(
+                speculative.method != "draft_model" or self.tensor_parallel_size == 1,
+                "speculative_config",
+                "a draft model is not supported with tensor_parallel_size > 1 (use method 'ngram')",
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EngineConfig:

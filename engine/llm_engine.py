@@ -12,12 +12,13 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.execution.loader import load
 from engine.execution.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from engine.sampling.sampler import make_generator
 from engine.sampling.sampling_params import OutputKind, SamplingParams
 from engine.sampling.structured_outputs import GrammarManager
 from engine.scheduling.kv_cache import KVCacheManager
 from engine.scheduling.request import Request, RequestStatus
 from engine.scheduling.scheduler import Scheduler
+from engine.speculation.config import SpeculativeConfig
+from engine.speculation.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class LLMEngine:
         )
         # With async scheduling: the step launched last, whose tokens the next step() reads.
         self._in_flight: LaunchedStep | None = None
+        self.speculator = self._make_speculator(SpeculativeConfig.parse(config.speculative_config))
         self.requests: dict[str, UserRequest] = {}
         self.prompt_tokens_total = 0
         self.num_pending_samples = 0  # n > 1 siblings not yet handed to the scheduler
@@ -162,7 +164,7 @@ class LLMEngine:
                 sample_index=index,
             )
             if params.seed is not None:
-                sequence.generator = make_generator(params.seed + index, self.device)
+                sequence.seed = params.seed + index
             if compiled_grammar is not None:
                 # One per sample; a reasoning model's thinking block comes before the constrained answer.
                 thinking = params.structured_outputs.thinking
@@ -194,6 +196,16 @@ class LLMEngine:
         else:
             for sequence in sequences:
                 self.scheduler.add(sequence)
+
+    def _make_speculator(self, config: SpeculativeConfig | None) -> Speculator | None:
+        if config is None:
+            return None
+        proposer = None
+        if config.method == "draft_model":
+            from engine.speculation.draft_model import DraftModelProposer
+
+            proposer = DraftModelProposer(config, self.config, self.runner, self.kv_cache)
+        return Speculator(config, self.kv_cache, proposer)
 
     def _get_grammar_manager(self) -> GrammarManager:
         with self._grammar_manager_lock:
@@ -246,14 +258,25 @@ class LLMEngine:
         outputs, the next schedule) so hides behind the GPU. The costs: outputs come one step
         later, and a sequence that stops at step N has one more token computed in step N+1, thrown
         away.
+
+        A speculating step first reads the step in flight (proposals continue the latest tokens),
+        and is read before step() returns (the next proposals continue the tokens it accepts).
         """
         self.check_health()  # a dead tensor-parallel worker fails the step rather than hanging it
+        outputs: list[RequestOutput] = []
+        proposed = []
+        if self.speculator is not None and self.speculator.active(len(self.scheduler.running)):
+            if self._in_flight is not None:
+                outputs = self._collect(self._in_flight)
+                self._in_flight = None
+            proposed = self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
+        if proposed:
+            self.speculator.drop_unscheduled(proposed)
         forward = None
         if batch.requests:
             forward = self.runner.launch_forward(batch)
             self.scheduler.cache_computed_blocks(batch)
-        outputs: list[RequestOutput] = []
         if self._in_flight is not None:
             outputs = self._collect(self._in_flight)
             self._in_flight = None
@@ -262,10 +285,10 @@ class LLMEngine:
         launched = self.runner.launch_sampling(forward)
         for sequence in launched.sampled_requests:
             sequence.num_inflight_tokens += 1
-        if self.async_scheduling:
+        if self.async_scheduling and launched.proposed is None:
             self._in_flight = launched
             return outputs
-        return self._collect(launched)
+        return outputs + self._collect(launched)
 
     def _collect(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and hand them to their sequences."""
@@ -280,15 +303,29 @@ class LLMEngine:
             # A recomputed prompt (after a preemption) gives positions already known: keep the first.
             known.extend(entries[len(known) - first_position :] if first_position <= len(known) else ())
         logprobs = result.logprobs or [None] * len(result.token_ids)
-        for sequence, token_id, token_logprob in zip(result.sampled_requests, result.token_ids, logprobs):
+        proposals = result.proposed or [()] * len(result.sampled_requests)
+        position = 0  # of the sequence's first sampled token in the step's tokens
+        for sequence, proposed in zip(result.sampled_requests, proposals, strict=True):
+            end = position + 1 + len(proposed)
+            token_ids, token_logprobs = result.token_ids[position:end], logprobs[position:end]
+            position = end
             sequence.num_inflight_tokens -= 1
             if sequence.is_finished:  # stopped or aborted while this step ran: the token is surplus
                 continue
-            self._append_token(sequence, token_id, token_logprob)
-            # A token that completes a block whose K/V a launched step already computes (async).
-            if sequence.num_tokens % block_size == 0:
+            if proposed:
+                token_ids = self.speculator.accept(sequence, proposed, token_ids)
+            # In order, so that EOS, a stop string or max_tokens ends the run where plain decoding would.
+            for token_id, token_logprob in zip(token_ids, token_logprobs):
+                self._append_token(sequence, token_id, token_logprob)
+                self.generation_tokens_total += 1
+                if sequence.is_finished:
+                    break
+            if proposed and not sequence.is_finished:
+                self.speculator.forget(sequence)  # the rejected proposals' blocks and draft K/V
                 self.kv_cache.cache_computed_blocks(sequence)
-            self.generation_tokens_total += 1
+            # A token that completes a block whose K/V a launched step already computes (async).
+            elif sequence.num_tokens % block_size == 0:
+                self.kv_cache.cache_computed_blocks(sequence)
             user_request = self.requests[sequence.user_request_id]
             touched[user_request.request_id] = user_request
         outputs = []
@@ -427,8 +464,10 @@ class LLMEngine:
 
     # ---- introspection -----------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        """Counters and gauges; plain reads, safe to call from another thread."""
+    def stats(self) -> dict[str, int | list[int]]:
+        """Counters and gauges; plain reads, safe to call from another thread. With speculative
+        decoding, also spec_num_drafts, spec_num_draft_tokens, spec_num_accepted_tokens and, per
+        proposal position, spec_num_draft_tokens_per_pos and spec_num_accepted_tokens_per_pos."""
         free = self.kv_cache.num_free_blocks
         # Requests (not sequences: an n=16 request is one) with a sample in the running batch; the rest wait.
         num_running_requests = len({sequence.user_request_id for sequence in list(self.scheduler.running)})
@@ -447,4 +486,5 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }

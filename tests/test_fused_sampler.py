@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.kernels import sampling  # noqa: E402
 from engine.kernels.sampling import gumbel_argmax  # noqa: E402
-from engine.sampling.sampler import Sampler, SamplingRow, make_generator  # noqa: E402
+from engine.sampling.sampler import Sampler, SamplingRow  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -135,8 +135,7 @@ def test_a_near_one_hot_distribution_never_emits_an_improbable_token():
 
 
 def _row(params: SamplingParams, seed: int | None = None, position: int = 0) -> SamplingRow:
-    generator = make_generator(seed, DEVICE) if seed is not None else None
-    return SamplingRow(params, [1, 2, 3], [4] * position, generator)
+    return SamplingRow(params, [1, 2, 3], [4] * position, seed)
 
 
 def test_the_sampler_routes_each_row_and_filtered_rows_match_the_torch_path():

@@ -32,10 +32,13 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 @dataclass
 class StepResult:
     sampled_requests: list[Request]  # the requests that got a new token, in batch order
+    # One token per sampled position, in batch order: a request with k proposals has k + 1 of them.
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None
     # (request, first prompt position, logprobs of the prompt tokens from there) for requests that ask.
     prompt_logprobs: list[tuple[Request, int, list[TokenLogprob]]] | None = None
+    # Per sampled request, the proposals this step verified ([] for most); None: no proposals at all.
+    proposed: list[list[int]] | None = None
 
 
 class LaunchedStep:
@@ -47,8 +50,10 @@ class LaunchedStep:
         sampled_requests: list[Request],
         output: SamplerOutput | None = None,
         prompt_logprobs: LaunchedPromptLogprobs | None = None,
+        proposed: list[list[int]] | None = None,
     ) -> None:
         self.sampled_requests = sampled_requests
+        self.proposed = proposed
         self._num_logprobs = output.num_logprobs if output is not None else []
         self._host_tokens: torch.Tensor | None = None
         self._host_logprobs: torch.Tensor | None = None
@@ -78,7 +83,7 @@ class LaunchedStep:
         logprobs = None
         if self._host_logprobs is not None:
             logprobs = unpack_logprobs(self._host_logprobs.tolist(), self._num_logprobs)
-        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs, prompt_logprobs)
+        return StepResult(self.sampled_requests, self._host_tokens.tolist(), logprobs, prompt_logprobs, self.proposed)
 
 
 @dataclass
@@ -88,6 +93,7 @@ class LaunchedForward:
     sampled_requests: list[Request]
     logits: torch.Tensor | None  # [S, V] on the device; None when the step samples nothing
     prompt_logprobs: LaunchedPromptLogprobs | None = None
+    proposed: list[list[int]] | None = None  # as in StepResult
 
 
 @dataclass
@@ -96,7 +102,7 @@ class StepLayout:
     the packed tensor itself, to rebuild the step (`unpack_step`)."""
 
     num_tokens: int
-    num_sampled: int
+    num_sampled: int  # rows whose logits are computed: one per sampled request, plus its proposals
     num_inflight: int  # decode rows whose input id is copied on the device from the last step's tokens
     num_seqs: int
     max_blocks: int
@@ -123,6 +129,7 @@ class StepInputs:
     # The step's inputs as one int32 tensor on the device, what a TP worker receives (`unpack_step`).
     packed: torch.Tensor
     prompt_rows: PromptLogprobRows | None = None  # rows whose logits give prompt logprobs
+    proposed: list[list[int]] | None = None  # per sampled request its proposals; None: no proposals
 
 
 def unpack_step(
@@ -311,6 +318,7 @@ class ModelRunner:
         token_ids: list[int] = []
         sampled: list[Request] = []
         sampled_rows: list[int] = []
+        proposed: list[list[int]] = []  # per sampled request, the proposals it verifies
         # Tokens sampled by the previous step and not yet read by the host: their input ids are
         # copied on the device from that step's output (positions in this batch, rows in that output).
         inflight_positions: list[int] = []
@@ -323,12 +331,23 @@ class ModelRunner:
                 token_ids.append(0)
             elif end - start == 1 and start >= request.num_prompt_tokens:
                 token_ids.append(request.output_token_ids[start - request.num_prompt_tokens])
+            elif end > num_known:  # the last token, then the proposals to verify after it
+                assert start == num_known - 1 and end - num_known == len(request.spec_token_ids), request.request_id
+                token_ids.extend(request.token_ids_in(start, num_known))
+                token_ids.extend(request.spec_token_ids)
             else:
                 token_ids.extend(request.token_ids_in(start, end))
-            if end == num_known + request.num_inflight_tokens:
+            if end >= num_known + request.num_inflight_tokens:
                 sampled.append(request)
                 sampled_rows.append(row)
+                proposed.append(list(request.spec_token_ids) if end > num_known else [])
+        any_proposed = any(proposed)
         logits_indices = query_start_loc[1:][sampled_rows] - 1
+        if any_proposed:
+            # A row with k proposals samples its last k + 1 positions: each proposal's and the one after.
+            counts = np.fromiter((1 + len(p) for p in proposed), dtype=np.int64, count=len(proposed))
+            within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            logits_indices = np.repeat(logits_indices - counts + 1, counts) + within
 
         block_counts = [len(r.block_ids) for r in batch.requests]
         # The width is the kernels' row stride: a multiple of 16 keeps Triton's specialization of it
@@ -348,7 +367,7 @@ class ModelRunner:
         num_inflight = len(inflight_positions)
         layout = StepLayout(
             num_tokens=num_tokens,
-            num_sampled=len(sampled),
+            num_sampled=len(logits_indices),
             num_inflight=num_inflight,
             num_seqs=num_seqs,
             max_blocks=table_width,
@@ -381,6 +400,7 @@ class ModelRunner:
             sampled_requests=sampled,
             # Every row decodes one token and is sampled: the shape a captured CUDA graph expects.
             is_decode_only=num_tokens == num_seqs == len(sampled),
+            proposed=proposed if any_proposed else None,
             layout=layout,
             packed=packed,
             prompt_rows=find_prompt_rows(batch.requests, starts.tolist(), ends.tolist(), query_start_loc[:-1].tolist())
@@ -409,7 +429,7 @@ class ModelRunner:
     @staticmethod
     def sampler_row(request: Request) -> SamplingRow:
         return SamplingRow(
-            request.params, request.prompt_token_ids, request.output_token_ids, request.generator, request.grammar
+            request.params, request.prompt_token_ids, request.output_token_ids, request.seed, request.grammar
         )
 
     @torch.inference_mode()
@@ -435,7 +455,7 @@ class ModelRunner:
             hidden = self.hidden_states(inputs.input_ids, inputs.positions, inputs.metadata)
             prompt_logprobs = LaunchedPromptLogprobs(inputs.prompt_rows, hidden, self.lm_head, self.sampler.vocab_size)
             logits = self.lm_head(hidden[inputs.logits_indices]) if inputs.sampled_requests else None
-            return LaunchedForward(inputs.sampled_requests, logits, prompt_logprobs)
+            return LaunchedForward(inputs.sampled_requests, logits, prompt_logprobs, inputs.proposed)
         if not inputs.sampled_requests:
             self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
             return LaunchedForward([], None)
@@ -443,9 +463,7 @@ class ModelRunner:
             logits = self.graph_runner.run(inputs)
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
-        if not inputs.sampled_requests:
-            return LaunchedForward([], None)
-        return LaunchedForward(inputs.sampled_requests, logits)
+        return LaunchedForward(inputs.sampled_requests, logits, proposed=inputs.proposed)
 
     @torch.inference_mode()
     def launch_sampling(self, forward: LaunchedForward) -> LaunchedStep:
@@ -456,11 +474,28 @@ class ModelRunner:
         """
         if forward.logits is None:
             return LaunchedStep([], prompt_logprobs=forward.prompt_logprobs)
-        rows = [self.sampler_row(r) for r in forward.sampled_requests]
+        if forward.proposed is None:
+            rows = [self.sampler_row(r) for r in forward.sampled_requests]
+            self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
+        else:
+            rows = []
+            self._last_sampled_rows = {}
+            for request, proposed in zip(forward.sampled_requests, forward.proposed, strict=True):
+                rows.extend(self.speculative_rows(request, proposed))
+                self._last_sampled_rows[request] = len(rows) - 1
         output = self.sampler(forward.logits, rows)
         self._last_sampled = output.token_ids
-        self._last_sampled_rows = {request: row for row, request in enumerate(forward.sampled_requests)}
-        return LaunchedStep(forward.sampled_requests, output, forward.prompt_logprobs)
+        return LaunchedStep(forward.sampled_requests, output, forward.prompt_logprobs, forward.proposed)
+
+    def speculative_rows(self, request: Request, proposed: list[int]) -> list[SamplingRow]:
+        """The rows that sample the target's token at each verified position: position j sees the
+        output followed by the first j proposals, as plain decoding would if they were accepted."""
+        assert request.grammar is None or not proposed, "constrained sequences are not speculated"
+        rows = [self.sampler_row(request)]
+        for j in range(1, len(proposed) + 1):
+            output = request.output_token_ids + proposed[:j]
+            rows.append(SamplingRow(request.params, request.prompt_token_ids, output, request.seed))
+        return rows
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -2,8 +2,12 @@
 
 Per-request parameters become tensors once per step, so the math is a handful of batched kernels
 whatever the batch holds. The only per-row Python work is building those tensors and drawing the
-noise of seeded rows with each row's own generator (so a seed reproduces the same text whatever
-else shares the batch).
+noise of seeded rows from a generator seeded for that row and position alone.
+
+A seeded row's noise is a pure function of (seed, position of the token): the same text whatever
+else shares the batch, and the same token at a position however it was reached. Speculative
+decoding relies on that: it samples positions p..p+k of a sequence in one step, and a position
+whose proposal is rejected is sampled again in a later step, with the same noise.
 
 Order of operations, per row (each stage is skipped when no row in the batch uses it):
   raw logits (fp32, columns >= vocab_size dropped) -> logprobs of the raw distribution
@@ -15,9 +19,9 @@ warpers and vLLM do.
 
 With the Triton backend (fused=True), greedy rows and rows without filters skip the last stages:
 one kernel samples them by Gumbel-max (the same distribution as the exponential race), with
-Philox noise seeded per row by (seed, position of the token). A seed therefore reproduces the
-same text on the same backend; the torch and Triton backends draw different (equally
-distributed) noise for the same seed.
+Philox noise seeded per row by (seed, position of the token), as the torch path seeds its
+generator. A seed therefore reproduces the same text on the same backend; the torch and Triton
+backends draw different (equally distributed) noise for the same seed.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: list[int]
-    # Tokens generated so far by this sequence and known to the host, before this step.
+    # The tokens this sequence generated before the one sampled now (for speculative rows, the
+    # accepted output plus the proposals before this position); its length is the token's position.
     output_token_ids: list[int]
-    # The sequence's own generator (on the logits' device) when params.seed is set, else None.
-    generator: torch.Generator | None = None
+    # The sequence's seed (params.seed + sample index) when params.seed is set, else None.
+    seed: int | None = None
     # The sequence's grammar matcher when its output is constrained (params.structured_outputs).
     grammar: SequenceGrammar | None = None
 
@@ -68,13 +73,6 @@ class SamplerOutput:
         return unpack_logprobs(self.packed_logprobs.tolist(), self.num_logprobs)
 
 
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator for one seeded sequence; it must live on the device the logits live on."""
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
-    return generator
-
-
 class Sampler:
     """fused=True (the Triton backend) selects the tokens of greedy rows and of rows without top-k,
     top-p or min-p filters with one Triton kernel (engine/kernels/sampling.py), reading the logits
@@ -85,6 +83,8 @@ class Sampler:
         assert vocab_size > 0
         self.vocab_size = vocab_size
         self.fused = fused
+        # Reseeded for every seeded row (`_exponential_noise`); one per device the logits live on.
+        self._seeded_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
@@ -136,9 +136,9 @@ class Sampler:
         # a function of (seed, position) in seeded rows.
         seeds = torch.randint(0, 1 << 62, (len(rows),), dtype=torch.int64).tolist()
         for i, row in enumerate(rows):
-            if row.generator is not None:
+            if row.seed is not None:
                 # The position of the token sampled now: the draw depends on nothing else.
-                seeds[i] = _row_seed(row.generator.initial_seed(), len(row.output_token_ids))
+                seeds[i] = _row_seed(row.seed, len(row.output_token_ids))
         temperatures = [0.0 if p.greedy else p.temperature for p in params]
         token_ids = gumbel_argmax(
             logits,
@@ -330,7 +330,7 @@ class Sampler:
 
     def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         noise = torch.empty_like(probs)
-        seeded = [(i, row.generator) for i, row in enumerate(rows) if not greedy[i] and row.generator is not None]
+        seeded = [i for i, row in enumerate(rows) if not greedy[i] and row.seed is not None]
         num_unseeded = sum(not g for g in greedy) - len(seeded)
         tiny = torch.finfo(noise.dtype).tiny
         if num_unseeded > 0:
@@ -339,12 +339,21 @@ class Sampler:
             noise.uniform_().clamp_(min=tiny).log_().neg_()
         else:
             noise.fill_(1.0)
-        for i, generator in seeded:
-            # Exactly one draw of vocab_size exponentials per sampled token from the row's own generator,
-            # so its stream depends on nothing else in the batch.
-            noise[i].exponential_(generator=generator)
+        if seeded:
+            generator = self._seeded_generator(probs.device)
+            for i in seeded:
+                # vocab_size exponentials from a generator seeded by (seed, position) alone: they depend
+                # on nothing else in the batch, nor on how many times this position was sampled before.
+                generator.manual_seed(_row_seed(rows[i].seed, len(rows[i].output_token_ids)))
+                noise[i].exponential_(generator=generator)
         # An exact zero would turn 0/0 into NaN, which argmax would pick; the clamp changes nothing else.
         return noise.clamp_(min=tiny)
+
+    def _seeded_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._seeded_generators.get(device)
+        if generator is None:
+            generator = self._seeded_generators[device] = torch.Generator(device=device)
+        return generator
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
@@ -368,8 +377,9 @@ def _needs_filters(params: SamplingParams) -> bool:
 
 
 def _row_seed(seed: int, position: int) -> int:
-    """A 62-bit Philox seed for one token of a seeded sequence: a fixed mix of the two (LCG-style
-    multipliers), the same in every process and whatever else is in the batch."""
+    """A 62-bit seed for one token of a seeded sequence (Philox in the kernel, the torch generator
+    otherwise): a fixed mix of the two (LCG-style multipliers), the same in every process and
+    whatever else is in the batch."""
     return (seed * 6364136223846793005 + (position + 1) * 1442695040888963407) % (1 << 62)
 
 

@@ -170,6 +170,14 @@ class KVCacheManager:
             self.pool.register(request.block_ids[index], parent)
             request.block_hashes.append(parent)
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Gives back the blocks past the first num_tokens positions: those only rejected
+        speculative tokens used. They hold no full block of known tokens, so no cached prefix."""
+        keep = self.blocks_needed(num_tokens)
+        if len(request.block_ids) > keep:
+            self.pool.release(request.block_ids[keep:])
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)
         request.block_ids = []

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from engine.outputs import TokenLogprob
 from engine.sampling.sampling_params import SamplingParams
 
@@ -57,11 +55,17 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    generator: torch.Generator | None = None
+    seed: int | None = None  # params.seed + sample_index, when the request is seeded
     # The constraint's matcher when params.structured_outputs is set; it advances with each sampled
     # token and, like the output ids, survives preemption (which recomputes K/V, not tokens).
     grammar: SequenceGrammar | None = None
     num_preemptions: int = 0
+    # Speculative decoding: tokens proposed to follow the last known token, verified by the next
+    # step (which computes them after it, as 1 + k query tokens). Empty when not speculating.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # A draft model's progress: positions [0, n) of its own KV cache (at this sequence's block ids)
+    # hold K/V of the sequence's real tokens. Reset with num_computed_tokens on preemption.
+    num_draft_computed_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

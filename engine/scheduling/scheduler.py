@@ -6,6 +6,11 @@ requests, first come first served. When the pool runs out of blocks, the most re
 running request is preempted: its blocks are freed, it goes back to the head of the queue, and it
 is recomputed later from its prompt and the tokens it had already generated.
 
+A decoding request with speculative proposals (`Request.spec_token_ids`) schedules 1 + k tokens:
+its last token and the proposals after it, which the token budget and the blocks count. When the
+budget is short, the proposals are cut to fit; when the blocks are, they are dropped rather than
+preempting anyone for them. The engine rolls back the rejected ones after the step.
+
 Scheduled tokens count as computed at once: the device runs steps in order, so any later step
 reads their K/V after it is written. That lets the engine schedule step N+1 while step N still
 runs, with N's sampled tokens in flight (`Request.num_inflight_tokens`).
@@ -67,6 +72,13 @@ class Scheduler:
             if num_new == 0 or _last_token_in_flight(request):
                 index += 1  # nothing to compute until its in-flight token arrives (and maybe ends it)
                 continue
+            if request.spec_token_ids:
+                num_speculative = min(len(request.spec_token_ids), budget - num_new)
+                del request.spec_token_ids[num_speculative:]
+                if num_speculative and self.kv_cache.allocate(request, num_new + num_speculative):
+                    num_new += num_speculative
+                else:
+                    request.spec_token_ids = []
             while not self.kv_cache.allocate(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -91,6 +103,9 @@ class Scheduler:
             if not self.kv_cache.allocate(request, num_new, cached_blocks):
                 break
             self.waiting.popleft()
+            # A draft model's K/V of cached blocks was computed along with the target's (or, if the
+            # sequence that computed them ended first, is stale: which only costs acceptance).
+            request.num_draft_computed_tokens = request.num_computed_tokens
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
                 request.num_cached_tokens = num_cached
@@ -132,6 +147,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
+        request.num_draft_computed_tokens = 0
+        request.spec_token_ids = []
         request.block_hashes = []
         request.num_preemptions += 1
         self.num_preemptions += 1

@@ -1,0 +1,121 @@
+"""Speculative decoding in the engine: which sequences get proposals, how proposals are verified,
+and the counters.
+
+The rule that keeps answers unchanged (DESIGN.md): a step that carries k proposals d1..dk after a
+sequence's last token t computes the target model's own token at each of the k + 1 positions,
+exactly as plain decoding would there (the sampler sees the output plus the proposals before the
+position: the same penalties, bias, min_tokens masking and seeded noise, which is a function of
+(seed, position) only). Proposal j is kept while it equals the target's token at its position; the
+target's token after the last kept proposal is appended too. So a greedy or seeded request gives
+the same tokens with speculation on or off, and an unseeded one still draws each token from the
+target's distribution. Grammar-constrained sequences are not speculated (their mask at position j
+would need the matcher advanced through the proposals, then rolled back); they decode as usual.
+
+Steps that carry proposals are synchronous: the next step's proposals continue the tokens this one
+accepts, which the host learns only when it ends. Steps without proposals keep async scheduling.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from engine.scheduling.kv_cache import KVCacheManager
+from engine.scheduling.request import Request, RequestStatus
+from engine.speculation.config import SpeculativeConfig
+from engine.speculation.ngram import NgramProposer
+
+
+class Proposer(Protocol):
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        """At most num_tokens[i] proposed tokens to follow requests[i]'s last token."""
+        ...
+
+
+def num_accepted(proposed: list[int], target: list[int]) -> int:
+    """How many proposals equal the target's token at their position, counted from the first."""
+    count = 0
+    for draft, token in zip(proposed, target):
+        if draft != token:
+            break
+        count += 1
+    return count
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, kv_cache: KVCacheManager, proposer: Proposer | None = None) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        k = config.num_speculative_tokens
+        self.num_drafts = 0  # sequences verified with at least one proposal
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        # Per position j (0-based): proposals made there, and proposals accepted there.
+        self.num_draft_tokens_per_pos = [0] * k
+        self.num_accepted_tokens_per_pos = [0] * k
+
+    def active(self, num_running: int) -> bool:
+        """Whether this step speculates: not when the batch is large enough to be compute-bound."""
+        limit = self.config.disable_by_batch_size
+        return num_running > 0 and (limit is None or num_running <= limit)
+
+    def propose(self, running: list[Request]) -> list[Request]:
+        """Sets spec_token_ids of the running sequences that are decoding, know every token and are
+        not grammar-constrained; returns those that got any."""
+        k = self.config.num_speculative_tokens
+        candidates, budgets = [], []
+        for request in running:
+            if request.status != RequestStatus.RUNNING or request.grammar is not None:
+                continue
+            if request.num_inflight_tokens or request.num_computed_tokens != request.num_tokens - 1:
+                continue  # still in its prompt, or a token of it is in flight
+            # The target's token after the last proposal must not pass max_tokens (which also keeps
+            # every verified position inside max_model_len: prompt + max_tokens fits it).
+            budget = min(k, request.params.max_tokens - len(request.output_token_ids) - 1)
+            if budget > 0:
+                candidates.append(request)
+                budgets.append(budget)
+        if not candidates:
+            return []
+        proposed = []
+        for request, tokens in zip(candidates, self.proposer.propose(candidates, budgets), strict=True):
+            request.spec_token_ids = tokens
+            if tokens:
+                proposed.append(request)
+        return proposed
+
+    def drop_unscheduled(self, proposed: list[Request]) -> None:
+        """Forgets the proposals of sequences the scheduler left out of this step (its budget ran
+        out): they would be stale by the time the sequence is scheduled again."""
+        for request in proposed:
+            if request.spec_token_ids and request.num_computed_tokens < request.num_tokens:
+                self.forget(request)
+
+    def forget(self, request: Request) -> None:
+        request.spec_token_ids = []
+        self.kv_cache.trim(request, request.num_tokens)
+        # Draft K/V past the last real token was computed from proposals.
+        request.num_draft_computed_tokens = min(request.num_draft_computed_tokens, request.num_tokens - 1)
+
+    def accept(self, request: Request, proposed: list[int], target: list[int]) -> list[int]:
+        """The tokens a verified step emits for `request`: the accepted proposals and the target's
+        token after them. Rolls back the K/V of the rejected positions (their blocks go back to the
+        pool once the tokens are appended: `forget`)."""
+        accepted = num_accepted(proposed, target)
+        self.num_drafts += 1
+        self.num_draft_tokens += len(proposed)
+        self.num_accepted_tokens += accepted
+        for j in range(len(proposed)):
+            self.num_draft_tokens_per_pos[j] += 1
+            self.num_accepted_tokens_per_pos[j] += j < accepted
+        request.num_computed_tokens -= len(proposed) - accepted
+        return target[: accepted + 1]
+
+    def stats(self) -> dict[str, int | list[int]]:
+        return {
+            "spec_num_drafts": self.num_drafts,
+            "spec_num_draft_tokens": self.num_draft_tokens,
+            "spec_num_accepted_tokens": self.num_accepted_tokens,
+            "spec_num_draft_tokens_per_pos": list(self.num_draft_tokens_per_pos),
+            "spec_num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
+        }
