@@ -87,9 +87,17 @@ class LLMEngine:
             from engine.parallel.launch import TensorParallelDriver
 
             self.parallel = TensorParallelDriver(config)
+        speculative = SpeculativeConfig.parse(config.speculative_config)
         try:
+            # A draft model first: the target's KV sizing counts the draft's weights and KV blocks.
+            draft_runner = None
+            if speculative is not None and speculative.method == "draft_model":
+                from engine.speculation.draft_model import load_draft_runner
+
+                draft_runner = load_draft_runner(config, speculative)
             loaded = load(config, self.parallel.group if self.parallel is not None else None)
-            self.runner = ModelRunner(loaded, config)
+            shared_kv_bytes = draft_runner.bytes_per_block if draft_runner is not None else 0
+            self.runner = ModelRunner(loaded, config, shared_kv_bytes_per_block=shared_kv_bytes)
         except BaseException:
             self.shutdown()
             raise
@@ -108,7 +116,7 @@ class LLMEngine:
         )
         # With async scheduling: the step launched last, whose tokens the next step() reads.
         self._in_flight: LaunchedStep | None = None
-        self.speculator = self._make_speculator(SpeculativeConfig.parse(config.speculative_config))
+        self.speculator = self._make_speculator(speculative, draft_runner)
         self.requests: dict[str, UserRequest] = {}
         self.prompt_tokens_total = 0
         self.num_pending_samples = 0  # n > 1 siblings not yet handed to the scheduler
@@ -197,14 +205,14 @@ class LLMEngine:
             for sequence in sequences:
                 self.scheduler.add(sequence)
 
-    def _make_speculator(self, config: SpeculativeConfig | None) -> Speculator | None:
+    def _make_speculator(self, config: SpeculativeConfig | None, draft_runner: ModelRunner | None) -> Speculator | None:
         if config is None:
             return None
         proposer = None
-        if config.method == "draft_model":
+        if draft_runner is not None:
             from engine.speculation.draft_model import DraftModelProposer
 
-            proposer = DraftModelProposer(config, self.config, self.runner, self.kv_cache)
+            proposer = DraftModelProposer(config, self.config, draft_runner, self.runner, self.kv_cache)
         return Speculator(config, self.kv_cache, proposer)
 
     def _get_grammar_manager(self) -> GrammarManager:

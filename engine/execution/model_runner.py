@@ -160,8 +160,11 @@ def unpack_step(
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, shared_kv_bytes_per_block: int = 0) -> None:
+        """shared_kv_bytes_per_block: the bytes of other KV caches indexed by this pool's block ids
+        (a draft model's), which the memory budget must hold along with each of this cache's blocks."""
         self.model = loaded.model
+        self.shared_kv_bytes_per_block = shared_kv_bytes_per_block
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.block_size = config.block_size
@@ -230,7 +233,7 @@ class ModelRunner:
             return config.num_kv_blocks
         if self.device.type != "cuda":
             budget = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-            return max(1, budget // self.bytes_per_block)
+            return max(1, budget // (self.bytes_per_block + self.shared_kv_bytes_per_block))
         return self._profile_cuda_blocks(config)
 
     def _profile_cuda_blocks(self, config: EngineConfig) -> int:
@@ -252,7 +255,7 @@ class ModelRunner:
         budget = total * config.gpu_memory_utilization - peak - in_use_elsewhere
         # CUDA graphs and allocator fragmentation need headroom beyond the measured peak.
         budget -= 512 * 2**20
-        num_blocks = int(budget // self.bytes_per_block)
+        num_blocks = int(budget // (self.bytes_per_block + self.shared_kv_bytes_per_block))
         if num_blocks < 1:
             raise RuntimeError(
                 f"No GPU memory left for the KV cache (peak {peak / 2**30:.2f} GiB of {total / 2**30:.2f} GiB); "
@@ -288,6 +291,13 @@ class ModelRunner:
         logits = self.forward(input_ids, positions, metadata, logits_indices)
         rows = [SamplingRow(_PROFILE_PARAMS, [0], [], None) for _ in range(num_seqs)]
         self.sampler(logits, rows)
+
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        """A cache of num_blocks blocks in place of the current one (a draft model's takes the
+        target's block count, known once the target has sized its own)."""
+        self.kv_caches = []
+        self.num_kv_blocks = num_blocks
+        self._allocate_kv_cache(num_blocks)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
