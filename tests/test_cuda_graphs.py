@@ -122,3 +122,47 @@ def test_greedy_decoding_through_the_graphs_matches_eager_decoding(engine_pair):
     assert replays[0] >= 2  # the decode steps went through the graphs
     stats = graphed.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_speculative_steps_replay_graphs_of_one_plus_k_token_rows(model_dir_factory):
+    """Rows of 1 + k tokens, every position sampled: the graphs give the eager engine's tokens, and
+    rows whose proposer found fewer than k tokens are padded so the step still has the graph's shape."""
+    k = 2
+    settings = dict(
+        model=str(model_dir_factory("qwen3")),
+        device=DEVICE,
+        attention_backend="triton",
+        num_kv_blocks=32,
+        max_num_seqs=MAX_BATCH,
+        max_model_len=32,
+        enforce_eager=True,
+        speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1},
+    )
+    eager, graphed = LLM(**settings), LLM(**settings)
+    runner = graphed.engine.runner
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_graphs, "_new_capturer", _EagerCapturer)
+        runner.spec_graph_runner = cuda_graphs.DecodeGraphRunner(runner, max_batch_size=MAX_BATCH, query_len=1 + k)
+        runner.spec_graph_runner.capture()
+    graphed.engine.speculator.pad_proposals = True
+    graphs = runner.spec_graph_runner
+    assert graphs.logits.shape[0] == MAX_BATCH * (1 + k)
+    replays = []
+    run = graphs.run
+    graphs.run = lambda inputs: replays.append(inputs.layout.num_seqs) or run(inputs)
+
+    proposer = graphed.engine.speculator.proposer
+    propose, real = proposer.propose, []
+    proposer.propose = lambda *args: real.extend(propose(*args)) or real[-len(args[0]) :]
+
+    # Repeating prompts give the n-gram proposer something to find; one has no repeat at all.
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [20, 21, 22]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
+    assert got == expected
+    assert replays and max(replays) == len(prompts)  # speculative steps of the whole batch replayed
+    stats = graphed.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    # Fillers are verified but not counted: the count is that of the proposer's own tokens.
+    assert stats["spec_num_draft_tokens"] == sum(len(tokens) for tokens in real)

@@ -3,8 +3,13 @@
 A decode step launches hundreds of small kernels; replaying a captured graph removes their launch
 cost. Graphs are captured at bucketed batch sizes over static input buffers; a step of n sequences
 replays the smallest bucket >= n, with padding rows that write to no KV slot. Prefill and mixed
-steps run eagerly. Only the Triton attention backend can be captured: it never syncs with the host
-and sizes its grid from upper bounds.
+steps run eagerly.
+
+A runner serves one query length q per sequence: q = 1 for plain decode, q = 1 + k for speculative
+steps where every row verifies k proposals (every one of its q positions is sampled).
+
+Only the Triton attention backend can be captured: it never syncs with the host and sizes its
+grid from upper bounds.
 
 Every graph writes its logits into the first rows of one shared buffer: a graph's own output
 stays allocated in the graph pool as long as the graph lives, and one per bucket came to about
@@ -37,34 +42,47 @@ def batch_size_buckets(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphRunner:
-    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+    def __init__(self, runner: ModelRunner, max_batch_size: int, query_len: int = 1) -> None:
         self.runner = runner
+        self.query_len = query_len
         self.buckets = batch_size_buckets(min(max_batch_size, 512))
         self.max_batch_size = self.buckets[-1]
         device = runner.device
         size = self.max_batch_size
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.long, device=device)
-        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        num_tokens = size * query_len
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(num_tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+        self.query_start_loc = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32, device=device)
+        self.seq_lens = torch.full((size,), query_len, dtype=torch.int32, device=device)
         # As wide as any step's table (the model runner rounds widths up to multiples of 16).
         width = -(-runner.max_blocks_per_seq // 16) * 16
         self.block_tables = torch.zeros(size, width, dtype=torch.int32, device=device)
-        self.logits_indices = torch.arange(size, dtype=torch.long, device=device)
+        self.logits_indices = torch.arange(num_tokens, dtype=torch.long, device=device)
         self.graphs: dict[int, _Replayable] = {}
-        self.logits: torch.Tensor | None = None  # [max_batch_size, vocab]: every graph's output rows
+        # [max_batch_size * query_len, vocab]: every graph's output rows.
+        self.logits: torch.Tensor | None = None
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_batch_size and bool(self.graphs)
 
+    def fits(self, inputs: StepInputs) -> bool:
+        """Whether a step has this runner's shape: every row query_len tokens, each one sampled."""
+        layout = inputs.layout
+        return (
+            layout.num_tokens == layout.num_sampled == layout.num_seqs * self.query_len
+            and inputs.prompt_rows is None
+            and self.can_run(layout.num_seqs)
+        )
+
     def _metadata(self, batch_size: int) -> AttentionMetadata:
+        num_tokens = batch_size * self.query_len
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch_size],
+            slot_mapping=self.slot_mapping[:num_tokens],
             query_start_loc=self.query_start_loc[: batch_size + 1],
             seq_lens=self.seq_lens[:batch_size],
             block_tables=self.block_tables[:batch_size],
-            max_query_len=1,
+            max_query_len=self.query_len,
             max_seq_len=self.runner.max_model_len,
         )
 
@@ -79,34 +97,39 @@ class DecodeGraphRunner:
         for size in reversed(self.buckets):
             self.graphs[size] = capturer.capture(lambda size=size: self._forward_into_shared_logits(size))
         capturer.finish()
-        logger.info("Captured CUDA graphs for decode batch sizes %s", self.buckets)
+        logger.info("Captured CUDA graphs for %d-token rows at batch sizes %s", self.query_len, self.buckets)
 
     def _forward_into_shared_logits(self, size: int) -> None:
+        num_tokens = size * self.query_len
         logits = self.runner.forward(
-            self.input_ids[:size], self.positions[:size], self._metadata(size), self.logits_indices[:size]
+            self.input_ids[:num_tokens],
+            self.positions[:num_tokens],
+            self._metadata(size),
+            self.logits_indices[:num_tokens],
         )
         if self.logits is None:  # the first call: the largest bucket's warm-up, outside any capture
             assert size == self.max_batch_size
             self.logits = torch.empty_like(logits)
-        self.logits[:size].copy_(logits)
+        self.logits[:num_tokens].copy_(logits)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        n = inputs.input_ids.shape[0]
+        n = inputs.layout.num_seqs
         size = next(b for b in self.buckets if b >= n)
+        num_tokens, padded_tokens = n * self.query_len, size * self.query_len
         metadata = inputs.metadata
-        self.input_ids[:n].copy_(inputs.input_ids)
-        self.positions[:n].copy_(inputs.positions)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping)
+        self.input_ids[:num_tokens].copy_(inputs.input_ids)
+        self.positions[:num_tokens].copy_(inputs.positions)
+        self.slot_mapping[:num_tokens].copy_(metadata.slot_mapping)
         self.seq_lens[:n].copy_(metadata.seq_lens)
         width = metadata.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(metadata.block_tables)
         if size > n:
-            # Padding rows: attend to one stale slot of block 0 and write nothing.
-            self.slot_mapping[n:size].fill_(-1)
-            self.seq_lens[n:size].fill_(1)
+            # Padding rows: attend to stale slots of block 0 (as many as their queries) and write nothing.
+            self.slot_mapping[num_tokens:padded_tokens].fill_(-1)
+            self.seq_lens[n:size].fill_(self.query_len)
             self.block_tables[n:size, 0].fill_(0)
         self.graphs[size].replay()
-        return self.logits[:n]
+        return self.logits[:num_tokens]
 
 
 class _Replayable(Protocol):

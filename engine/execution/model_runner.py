@@ -23,6 +23,7 @@ from engine.sampling.sampler import Sampler, SamplerOutput, SamplingRow, unpack_
 from engine.sampling.sampling_params import SamplingParams
 from engine.scheduling.request import Request
 from engine.scheduling.scheduler import ScheduledBatch
+from engine.speculation.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ class ModelRunner:
         self.sampler = Sampler(vocab_size, fused=fused_sampler)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.graph_runner = None
+        self.graph_runner = None  # CUDA graphs of decode steps
+        self.spec_graph_runner = None  # CUDA graphs of speculative steps (1 + k tokens per row)
         # The last launched step's sampled tokens, still on the device, and each request's row in
         # them: the next step reads the input ids of tokens still in flight from here.
         self._last_sampled: torch.Tensor | None = None
@@ -220,6 +222,14 @@ class ModelRunner:
             # steps replay a graph.
             self.graph_runner = DecodeGraphRunner(self, max_batch_size=config.max_num_seqs)
             self.graph_runner.capture()
+            speculative = SpeculativeConfig.parse(config.speculative_config)
+            if speculative is not None:
+                # Rows of 1 + k tokens (the speculator pads every row's proposals to k when these exist).
+                # Capped: the shared logits buffer holds batch * (1 + k) rows of the vocabulary.
+                max_batch = min(config.max_num_seqs, speculative.disable_by_batch_size or 64, 64)
+                query_len = 1 + speculative.num_speculative_tokens
+                self.spec_graph_runner = DecodeGraphRunner(self, max_batch_size=max_batch, query_len=query_len)
+                self.spec_graph_runner.capture()
 
     @property
     def bytes_per_block(self) -> int:
@@ -450,15 +460,10 @@ class ModelRunner:
         sampled tokens on the device, so this may run before the host has read them.
         """
         inputs = self.prepare(batch)
-        # A captured graph runs the LM head on the sampled rows only; prompt logprobs need it on more.
-        use_graph = (
-            inputs.is_decode_only
-            and inputs.prompt_rows is None
-            and self.graph_runner is not None
-            and self.graph_runner.can_run(len(batch))
-        )
+        graph = self.graph_for(inputs)
         if self.step_sender is not None:  # the workers run this same forward on their shards
-            self.step_sender.send([*inputs.layout.to_fields(), int(use_graph)], inputs.packed)
+            graph_code = 0 if graph is None else 1 if graph is self.graph_runner else 2
+            self.step_sender.send([*inputs.layout.to_fields(), graph_code], inputs.packed)
         if inputs.prompt_rows is not None:
             # The LM head also runs on the prompt rows of requests that asked for prompt logprobs.
             # (Refused under tensor parallelism: the workers would have to mirror these LM-head calls.)
@@ -469,11 +474,19 @@ class ModelRunner:
         if not inputs.sampled_requests:
             self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
             return LaunchedForward([], None)
-        if use_graph:
-            logits = self.graph_runner.run(inputs)
+        if graph is not None:
+            logits = graph.run(inputs)
         else:
             logits = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, inputs.logits_indices)
         return LaunchedForward(inputs.sampled_requests, logits, proposed=inputs.proposed)
+
+    def graph_for(self, inputs: StepInputs):
+        """The graph runner whose shape the step has, or None (eager). A captured graph runs the LM
+        head on the sampled rows only; prompt logprobs need it on more."""
+        if inputs.prompt_rows is not None:
+            return None
+        runner = self.graph_runner if inputs.proposed is None else self.spec_graph_runner
+        return runner if runner is not None and runner.fits(inputs) else None
 
     @torch.inference_mode()
     def launch_sampling(self, forward: LaunchedForward) -> LaunchedStep:

@@ -56,12 +56,12 @@ def serve_steps(config: EngineConfig, group: ParallelGroup) -> None:
         while (step := receiver.receive()) is not None:
             fields, packed = step
             layout = StepLayout.from_fields(fields)
-            use_graph = bool(fields[num_fields])
+            graph_code = fields[num_fields]  # 0: eager, 1: the decode graphs, 2: the speculative ones
             # The in-flight rows' ids were filled in on rank 0 before it sent the tensor.
             input_ids, positions, metadata, logits_indices, _ = unpack_step(packed, layout, with_host_lists)
-            if use_graph:
+            if graph_code:
                 inputs = StepInputs(input_ids, positions, metadata, logits_indices, [], True, layout, packed)
-                runner.graph_runner.run(inputs)
+                (runner.graph_runner if graph_code == 1 else runner.spec_graph_runner).run(inputs)
             else:
                 runner.forward(input_ids, positions, metadata, logits_indices)
     logger.info("Tensor-parallel worker rank %d stopping", group.rank)

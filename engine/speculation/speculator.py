@@ -42,10 +42,21 @@ def num_accepted(proposed: list[int], target: list[int]) -> int:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, kv_cache: KVCacheManager, proposer: Proposer | None = None) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        kv_cache: KVCacheManager,
+        proposer: Proposer | None = None,
+        pad_proposals: bool = False,
+    ) -> None:
+        """pad_proposals: give every speculated row exactly k proposals (filling with copies of its
+        last token), so the step has the shape of the captured 1 + k graphs; fillers are verified
+        like any proposal but not counted as proposals in the stats."""
         self.config = config
         self.kv_cache = kv_cache
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.pad_proposals = pad_proposals
+        self._num_proposed: dict[Request, int] = {}  # per speculated row, its proposals before padding
         k = config.num_speculative_tokens
         self.num_drafts = 0  # sequences verified with at least one proposal
         self.num_draft_tokens = 0
@@ -78,7 +89,12 @@ class Speculator:
         if not candidates:
             return []
         proposed = []
-        for request, tokens in zip(candidates, self.proposer.propose(candidates, budgets), strict=True):
+        proposals = self.proposer.propose(candidates, budgets)
+        for request, tokens, budget in zip(candidates, proposals, budgets, strict=True):
+            self._num_proposed[request] = len(tokens)
+            if self.pad_proposals and len(tokens) < budget == k:
+                filler = tokens[-1] if tokens else request.token_ids_in(request.num_tokens - 1, request.num_tokens)[0]
+                tokens = tokens + [filler] * (k - len(tokens))
             request.spec_token_ids = tokens
             if tokens:
                 proposed.append(request)
@@ -88,10 +104,11 @@ class Speculator:
         """Forgets the proposals of sequences the scheduler left out of this step (its budget ran
         out): they would be stale by the time the sequence is scheduled again."""
         for request in proposed:
-            if request.spec_token_ids and request.num_computed_tokens < request.num_tokens:
+            if request.num_computed_tokens < request.num_tokens:  # not scheduled, or preempted
                 self.forget(request)
 
     def forget(self, request: Request) -> None:
+        self._num_proposed.pop(request, None)
         request.spec_token_ids = []
         self.kv_cache.trim(request, request.num_tokens)
         # Draft K/V past the last real token was computed from proposals.
@@ -102,12 +119,14 @@ class Speculator:
         token after them. Rolls back the K/V of the rejected positions (their blocks go back to the
         pool once the tokens are appended: `forget`)."""
         accepted = num_accepted(proposed, target)
-        self.num_drafts += 1
-        self.num_draft_tokens += len(proposed)
-        self.num_accepted_tokens += accepted
-        for j in range(len(proposed)):
-            self.num_draft_tokens_per_pos[j] += 1
-            self.num_accepted_tokens_per_pos[j] += j < accepted
+        num_real = self._num_proposed.pop(request, len(proposed))  # fillers are not proposals
+        if num_real:
+            self.num_drafts += 1
+            self.num_draft_tokens += num_real
+            self.num_accepted_tokens += min(accepted, num_real)
+            for j in range(num_real):
+                self.num_draft_tokens_per_pos[j] += 1
+                self.num_accepted_tokens_per_pos[j] += j < accepted
         request.num_computed_tokens -= len(proposed) - accepted
         return target[: accepted + 1]
 
