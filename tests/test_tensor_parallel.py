@@ -134,6 +134,30 @@ def test_prefix_cache_hits_and_stop_strings_give_the_same_output(engines, async_
     assert sharded.stats()["prefix_cache_hit_tokens"] >= hits + 3 * 48
 
 
+@ASYNC_MODES
+@ONE_MODEL
+def test_speculative_decoding_on_the_sharded_engine_gives_the_single_process_tokens(engines, async_scheduling):
+    """Verification rows (1 + k per sequence, all sampled) reach the workers through the same step
+    tensor; the n-gram proposer runs on rank 0 only. Attached to the running engine, to reuse its workers."""
+    from engine.speculation.config import SpeculativeConfig
+    from engine.speculation.speculator import Speculator
+
+    _, single, sharded = engines
+    engine = sharded.engine
+    config = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3})
+    engine.speculator = Speculator(config, engine.kv_cache)
+    try:
+        # Repeating prompts: the proposer finds continuations from the first step on.
+        prompts = [p * 3 for p in _prompts(4, range(3, 8), seed=5)]
+        params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)] * 2
+        params += [SamplingParams(temperature=1.0, seed=i, max_tokens=16, ignore_eos=True) for i in range(2)]
+        expected = _run(single, prompts, params, async_scheduling)
+        assert _run(sharded, prompts, params, async_scheduling) == expected
+        assert engine.speculator.num_accepted_tokens > 0
+    finally:
+        engine.speculator = None
+
+
 @pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
 @ASYNC_MODES
 @ONE_MODEL
