@@ -273,14 +273,15 @@ class LLMEngine:
         self.check_health()  # a dead tensor-parallel worker fails the step rather than hanging it
         outputs: list[RequestOutput] = []
         proposed = []
-        if self.speculator is not None and self.speculator.active(len(self.scheduler.running)):
+        speculator = self.speculator
+        if speculator is not None and speculator.active(len(self.scheduler.running), self._in_flight is not None):
             if self._in_flight is not None:
                 outputs = self._collect(self._in_flight)
                 self._in_flight = None
-            proposed = self.speculator.propose(self.scheduler.running)
+            proposed = speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if proposed:
-            self.speculator.drop_unscheduled(proposed)
+            speculator.drop_unscheduled(proposed)
         forward = None
         if batch.requests:
             forward = self.runner.launch_forward(batch)

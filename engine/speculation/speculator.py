@@ -13,6 +13,10 @@ would need the matcher advanced through the proposals, then rolled back); they d
 
 Steps that carry proposals are synchronous: the next step's proposals continue the tokens this one
 accepts, which the host learns only when it ends. Steps without proposals keep async scheduling.
+With async scheduling, proposing first means reading the step in flight (losing the overlap of the
+host's work with the device's for that step), so after a step where nothing could be proposed the
+speculator sits out 1, 2, 4, ... up to 16 steps before it tries again; under synchronous scheduling
+proposing costs no overlap, and it tries every step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from engine.scheduling.kv_cache import KVCacheManager
 from engine.scheduling.request import Request, RequestStatus
 from engine.speculation.config import SpeculativeConfig
 from engine.speculation.ngram import NgramProposer
+
+MAX_BACKOFF_STEPS = 16
 
 
 class Proposer(Protocol):
@@ -57,6 +63,8 @@ class Speculator:
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.pad_proposals = pad_proposals
         self._num_proposed: dict[Request, int] = {}  # per speculated row, its proposals before padding
+        self._backoff = 0  # steps to sit out after the next step that finds nothing to propose
+        self._steps_to_sit_out = 0
         k = config.num_speculative_tokens
         self.num_drafts = 0  # sequences verified with at least one proposal
         self.num_draft_tokens = 0
@@ -65,10 +73,16 @@ class Speculator:
         self.num_draft_tokens_per_pos = [0] * k
         self.num_accepted_tokens_per_pos = [0] * k
 
-    def active(self, num_running: int) -> bool:
-        """Whether this step speculates: not when the batch is large enough to be compute-bound."""
+    def active(self, num_running: int, draining: bool = False) -> bool:
+        """Whether this step speculates: not when the batch is large enough to be compute-bound, nor
+        while backing off (`draining`: proposing would first read a step in flight)."""
         limit = self.config.disable_by_batch_size
-        return num_running > 0 and (limit is None or num_running <= limit)
+        if num_running == 0 or (limit is not None and num_running > limit):
+            return False
+        if draining and self._steps_to_sit_out > 0:
+            self._steps_to_sit_out -= 1
+            return False
+        return True
 
     def propose(self, running: list[Request]) -> list[Request]:
         """Sets spec_token_ids of the running sequences that are decoding, know every token and are
@@ -98,6 +112,11 @@ class Speculator:
             request.spec_token_ids = tokens
             if tokens:
                 proposed.append(request)
+        if any(self._num_proposed[r] for r in proposed):
+            self._backoff = self._steps_to_sit_out = 0
+        else:
+            self._backoff = min(max(1, 2 * self._backoff), MAX_BACKOFF_STEPS)
+            self._steps_to_sit_out = self._backoff
         return proposed
 
     def drop_unscheduled(self, proposed: list[Request]) -> None:
