@@ -20,6 +20,7 @@ from api.vllm_flags import (
     generation_defaults,
     human_readable_int,
     read_chat_template,
+    speculative_config,
 )
 from engine.config import EngineConfig
 from engine.sampling.sampling_params import MAX_LOGPROBS
@@ -50,6 +51,14 @@ _ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--revision", "revision", str, "the model's branch, tag or commit on the hub"),
     ("--attention-backend", "attention_backend", str, "auto, torch or triton"),
     ("--tensor-parallel-size", "tensor_parallel_size", int, "shard the model over N devices (alias -tp)"),
+    (
+        "--speculative-config",
+        "speculative_config",
+        speculative_config,
+        'speculative decoding, a JSON object as in vLLM: \'{"method": "ngram", "num_speculative_tokens": 3}\' '
+        '(prompt_lookup_min/max, disable_by_batch_size), or \'{"method": "draft_model", "model": DIR, '
+        '"num_speculative_tokens": 3}\'; answers are unchanged (default: off)',
+    ),
 ]
 _FLAG_ALIASES = {"--tensor-parallel-size": ["-tp"]}
 

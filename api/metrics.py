@@ -43,10 +43,20 @@ LABELS = ("model_name", "engine")
 ENGINE_INDEX = "0"
 # vLLM's FinishReason values, pre-created so dashboards see zeros instead of missing series.
 FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's speculative-decoding counters (vllm/v1/spec_decode/metrics.py): (name, engine stats key, help).
+# Exported only by an engine that speculates, as vLLM does. Acceptance rate: rate(accepted) /
+# rate(draft_tokens); mean acceptance length: 1 + rate(accepted) / rate(drafts).
+SPEC_DECODE_COUNTERS = (
+    ("spec_decode_num_drafts", "spec_num_drafts", "Number of spec decoding drafts."),
+    ("spec_decode_num_draft_tokens", "spec_num_draft_tokens", "Number of draft tokens."),
+    ("spec_decode_num_accepted_tokens", "spec_num_accepted_tokens", "Number of accepted tokens."),
+)
 
 
-def read_engine_stats(engine: Any) -> dict[str, int]:
-    """engine.stats(), read from the event loop while the engine thread mutates what it reads."""
+def read_engine_stats(engine: Any) -> dict[str, Any]:
+    """engine.stats(), read from the event loop while the engine thread mutates what it reads.
+
+    Values are ints, except the per-position speculative-decoding counts (lists of ints)."""
     for _ in range(2):
         try:
             return engine.stats()
@@ -98,11 +108,39 @@ class _EngineCollector(Collector):
             )
             counter.add_metric(self.labels, preemptions)
             yield counter
+            yield from self._spec_decode_counters(prefix, stats)
         yield CounterMetricFamily(
             "sluice_engine_restarts",
             "Times the engine process died and was restarted.",
             value=getattr(self.engine, "num_restarts", 0),
         )
+        drafted_per_pos = stats.get("spec_num_draft_tokens_per_pos")
+        if drafted_per_pos is not None:
+            # Ours (vLLM has no such series): n-gram drafts can be shorter than num_speculative_tokens,
+            # so position j's acceptance rate is accepted_per_pos[j] / this, not / drafts.
+            counter = CounterMetricFamily(
+                "sluice_spec_decode_num_draft_tokens_per_pos", "Draft tokens per draft position.", labels=["position"]
+            )
+            for position, value in enumerate(drafted_per_pos):
+                counter.add_metric([str(position)], value)
+            yield counter
+
+    def _spec_decode_counters(self, prefix: str, stats: dict[str, Any]) -> Iterator[Metric]:
+        for name, key, doc in SPEC_DECODE_COUNTERS:
+            if key in stats:
+                counter = CounterMetricFamily(prefix + name, doc, labels=LABELS)
+                counter.add_metric(self.labels, stats[key])
+                yield counter
+        accepted_per_pos = stats.get("spec_num_accepted_tokens_per_pos")
+        if accepted_per_pos is not None:
+            counter = CounterMetricFamily(
+                prefix + "spec_decode_num_accepted_tokens_per_pos",
+                "Accepted tokens per draft position.",
+                labels=[*LABELS, "position"],
+            )
+            for position, value in enumerate(accepted_per_pos):
+                counter.add_metric([*self.labels, str(position)], value)
+            yield counter
 
 
 class ServerMetrics:

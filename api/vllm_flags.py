@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from engine.speculation.config import SpeculativeConfig
 
 # vLLM's --dtype spellings for the dtypes EngineConfig names.
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
@@ -20,7 +23,7 @@ UNSUPPORTED_VLLM_FLAGS = frozenset(
         "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp", "--data-parallel-size-local",
         "--enable-expert-parallel", "--distributed-executor-backend", "--worker-cls",
         "--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
-        "--speculative-config", "--num-speculative-tokens", "--speculative-model",
+        "--num-speculative-tokens", "--speculative-model",
         "--cpu-offload-gb", "--swap-space", "--kv-offloading-size", "--kv-transfer-config",
         "--tokenizer-mode", "--tokenizer-revision", "--code-revision", "--hf-overrides", "--hf-token",
         "--download-dir", "--rope-scaling", "--rope-theta", "--override-generation-config",
@@ -36,6 +39,11 @@ UNSUPPORTED_VLLM_FLAGS = frozenset(
 # vLLM flags for behaviour sluicegate always has: accepted, and they change nothing. (sluicegate logs no
 # periodic stats, so --disable-log-stats is what it does anyway.)
 ALWAYS_ON_VLLM_FLAGS = frozenset({"--enable-chunked-prefill", "--enable-prompt-tokens-details", "--disable-log-stats"})
+# Older vLLM flags whose setting now lives in a newer flag's value (vLLM folded them the same way).
+REPLACED_VLLM_FLAGS = {
+    "--num-speculative-tokens": '--speculative-config \'{"method": "ngram", "num_speculative_tokens": N}\'',
+    "--speculative-model": '--speculative-config \'{"model": DIR, "num_speculative_tokens": N}\'',
+}
 
 
 def check_unknown_flags(unknown: Sequence[str]) -> str | None:
@@ -44,6 +52,8 @@ def check_unknown_flags(unknown: Sequence[str]) -> str | None:
         flag = argument.split("=", 1)[0]
         if flag in ALWAYS_ON_VLLM_FLAGS:
             continue
+        if flag in REPLACED_VLLM_FLAGS:
+            return f"{flag} is an older vLLM flag; use {REPLACED_VLLM_FLAGS[flag]}"
         if flag in UNSUPPORTED_VLLM_FLAGS:
             return f"{flag} is a vLLM flag that sluicegate does not support; remove it from the command line"
         if flag.startswith("-"):
@@ -70,6 +80,22 @@ def human_readable_int(value: str) -> int:
             f"decimals are not allowed with binary suffixes like {suffix}; did you mean {number}{suffix.lower()}?"
         )
     return int(number) * {"K": 2**10, "M": 2**20, "G": 2**30}[suffix]
+
+
+def speculative_config(value: str) -> dict[str, Any]:
+    """--speculative-config: vLLM's JSON object, checked here so that a mistake fails before any
+    model loads, with the key it concerns (EngineConfig checks it again, as from YAML or LLM())."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({error})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    try:
+        SpeculativeConfig.parse(parsed)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return parsed
 
 
 def read_chat_template(value: str) -> str:

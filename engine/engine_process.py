@@ -52,7 +52,7 @@ class _Child:
     commands: Connection  # sending end
     results: Connection  # receiving end
     info: dict[str, Any]
-    stats: dict[str, int]
+    stats: dict[str, Any]  # LLMEngine.stats(): ints, and lists of ints per speculative position
 
 
 class RestartBudget:
@@ -101,7 +101,7 @@ class EngineProcess(StreamingEngineClient):
         self.model_name = info["model_name"]
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
-        self._stats: dict[str, int] = self._child.stats
+        self._stats: dict[str, Any] = self._child.stats
         # Each request's prompt, sent by the child with its first output only (_without_repeated_prompts).
         self._prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._reader = threading.Thread(target=self._supervise, name="sluice-engine-results", daemon=True)
@@ -127,7 +127,7 @@ class EngineProcess(StreamingEngineClient):
     def failed_for_good(self) -> bool:
         return self._gave_up and not self._stopping
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return self._stats  # as of the child's last message: it sends them after every step
 
     def close(self) -> None:
@@ -303,9 +303,16 @@ def _exit_code(process: BaseProcess) -> int | None:
     return process.exitcode
 
 
-def _idle_stats(stats: dict[str, int]) -> dict[str, int]:
-    """A dead engine runs nothing and holds no block; the pool's size stays what it was."""
-    return {key: (value if key == "kv_blocks_total" else 0) for key, value in stats.items()}
+def _idle_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """A dead engine runs nothing and holds no block; the pool's size stays what it was. Counters
+    start again from zero, as the new child's will; a per-position list keeps its length."""
+
+    def idle(key: str, value: Any) -> Any:
+        if key == "kv_blocks_total":
+            return value
+        return [0] * len(value) if isinstance(value, list) else 0
+
+    return {key: idle(key, value) for key, value in stats.items()}
 
 
 def _grow_pipe(connection: Connection) -> None:
