@@ -80,7 +80,7 @@ class StreamingEngineClient:
         """The engine is dead and nothing will bring it back: the server should exit (non-zero)."""
         return self._error is not None and not self._stopping
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | list[int]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -230,7 +230,7 @@ class AsyncLLM(StreamingEngineClient):
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._error is None and not self._stopping
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | list[int]]:
         return self.engine.stats()
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | list[int]]:
         return self.engine.stats()
 
     def generate(
