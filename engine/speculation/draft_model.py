@@ -11,8 +11,11 @@ Proposing for a sequence whose p + 1 tokens are known (the last, p, not yet comp
   2. k - 1 decode passes, all proposing rows at once, each feeding the previous pass's argmax at
      the next position (its K/V goes to positions p + 1 .. p + k - 1).
 Blocks for those positions and the target's verification (up to p + k) are allocated first; a
-sequence that cannot get them is not speculated this step. After verification the engine keeps
-the draft's K/V up to the first rejected position (`Speculator.forget`).
+sequence that cannot get them is not speculated this step. The K/V written at proposal positions
+is never trusted afterwards: num_draft_computed_tokens stops at p + 1, and the next catch-up
+recomputes the accepted tokens (a few tokens per row, cheap for a small model). So whatever
+happens to the proposals (verified, cut by the budget, dropped), positions below
+num_draft_computed_tokens hold the draft's K/V of the sequence's real tokens.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class DraftModelProposer:
         for (index, k), tokens in zip(rows, proposed, strict=True):
             request = requests[index]
             proposals[index] = tokens[:k]
-            request.num_draft_computed_tokens = request.num_tokens + k - 1
+            request.num_draft_computed_tokens = request.num_tokens
         return proposals
 
     def _catch_up(self, requests: list[Request]) -> torch.Tensor:
