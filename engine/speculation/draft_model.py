@@ -69,13 +69,20 @@ class DraftModelProposer:
     ) -> None:
         if draft.block_size != target.block_size:
             raise ValueError("Invalid value for 'speculative_config.model': the draft must use the target's block_size")
+        # The draft reads the target's token ids: its embedding must cover every one of them.
+        draft_vocab = draft.model.config.get_text_config().vocab_size
+        target_vocab = target.model.config.get_text_config().vocab_size
+        if draft_vocab < target.sampler.vocab_size:
+            raise ValueError(
+                f"Invalid value for 'speculative_config.model': the draft's vocabulary ({draft_vocab} tokens) "
+                f"is smaller than the target's ({target_vocab}); a draft model must use the target's tokenizer"
+            )
         self.draft = draft
         self.kv_cache = kv_cache
         draft.resize_kv_cache(target.num_kv_blocks)
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        # Proposals are target input ids: never past the target's vocabulary (nor the draft's).
-        draft_vocab = draft.model.config.get_text_config().vocab_size
-        self.vocab_size = min(draft_vocab, target.sampler.vocab_size)
+        # Proposals are target input ids: never past the target's vocabulary.
+        self.vocab_size = target.sampler.vocab_size
         self.max_model_len = min(draft.max_model_len, target.max_model_len)
         self.device = draft.device
         self.block_size = draft.block_size
