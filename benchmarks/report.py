@@ -155,10 +155,12 @@ def _speculation_row(label: str, data: dict[str, Any], case: dict[str, Any]) -> 
     method = f"{config.get('method')} k={config.get('num_speculative_tokens')}"
     name = f"spec {method} {case['workload']} c={case['concurrency']}"
     acceptance = "-" if case["acceptance"] is None else f"{case['acceptance']:.1%}"
+    decode = "-" if case.get("decode_ratio") is None else f"{case['decode_ratio']:.2f}x"
     verdict = "outputs identical" if case["identical"] else "OUTPUTS DIFFER"
     return (
         f"| {label} | {name} | {case['on']['tokens_per_s']:,.0f} | {case['ratio']:.2f}x off | - | "
-        f"off {case['off']['tokens_per_s']:,.0f} tok/s; acceptance {acceptance}; {verdict} |"
+        f"off {case['off']['tokens_per_s']:,.0f} tok/s; full-batch decode {decode} off; "
+        f"acceptance {acceptance}; {verdict} |"
     )
 
 

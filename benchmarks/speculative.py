@@ -16,6 +16,9 @@ Concurrency C: the requests are submitted C at a time (LLM.generate over batches
 at least C), so C sequences decode together until they finish. Both engines are built before any
 timed run, and the runs of a case alternate which engine goes first, so a shared machine's drift
 weighs on both. Prefix caching is off: a later case must not find an earlier one's prompts cached.
+"ratio" is the whole wave's (prefill, decode and the tail in which its slowest rows finish);
+"full-batch decode ratio" compares only the steps that decode all C rows at once, the steady state
+of serving C requests (a wave ends with its slowest row, which speculation may not have sped up).
 On CUDA each engine takes 40% of the card unless --gpu-memory-utilization says otherwise.
 """
 
@@ -57,6 +60,7 @@ TABLE_COLUMNS = (
     "ratio",
     "acceptance",
     "mean accepted per step",
+    "full-batch decode ratio",
 )
 
 
@@ -70,6 +74,9 @@ class Run:
     longest_step_ms: float
     load_average: float
     preemptions: int
+    # Pure-decode steps with the whole batch running (FullBatchDecode): the steady state of C at once.
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
     spec: dict[str, Any] = field(default_factory=dict)  # the speculation counters this run added
 
     @property
@@ -80,9 +87,14 @@ class Run:
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else None
+
     def summary(self) -> dict[str, Any]:
         summary = {k: v for k, v in dataclasses.asdict(self).items() if k != "token_ids"}
-        return {**summary, "output_tokens": self.output_tokens, "tokens_per_s": self.tokens_per_s}
+        rates = {"tokens_per_s": self.tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s}
+        return {**summary, "output_tokens": self.output_tokens, **rates}
 
 
 @dataclass
@@ -95,6 +107,11 @@ class Case:
     @property
     def ratio(self) -> float:
         return self.on.tokens_per_s / self.off.tokens_per_s if self.off.tokens_per_s else 0.0
+
+    @property
+    def decode_ratio(self) -> float | None:
+        on, off = self.on.decode_tokens_per_s, self.off.decode_tokens_per_s
+        return on / off if on and off else None
 
     @property
     def acceptance(self) -> float | None:
@@ -120,6 +137,7 @@ class Case:
             "off": self.off.summary(),
             "on": self.on.summary(),
             "ratio": self.ratio,
+            "decode_ratio": self.decode_ratio,
             "acceptance": self.acceptance,
             "mean_accepted_per_step": self.mean_accepted,
             "identical": self.mismatch is None,
@@ -210,6 +228,30 @@ def random_workload(llm, count: int, args: argparse.Namespace) -> tuple[list[lis
     return prompts, params
 
 
+class FullBatchDecode(StepTimer):
+    """Times every step, and sums the output tokens and seconds of the steps that decode the whole
+    batch: `concurrency` sequences running, each past its prompt. A wave's prefill and its tail
+    (the batch shrinking as rows finish) are left out, which leaves the steady state of serving C
+    requests at once. The whole wave's rate, in contrast, waits for its slowest row."""
+
+    def __init__(self, engine, concurrency: int) -> None:
+        super().__init__(engine)
+        self.concurrency = concurrency
+        self.tokens = 0
+        self.decode_seconds = 0.0
+
+    def before_step(self) -> int | None:
+        """The engine's token count when this step decodes the whole batch; None otherwise."""
+        running = self.engine.scheduler.running
+        full = len(running) == self.concurrency and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+        return self.engine.generation_tokens_total if full else None
+
+    def after_step(self, state: int | None, seconds: float) -> None:
+        if state is not None:
+            self.tokens += self.engine.generation_tokens_total - state
+            self.decode_seconds += seconds
+
+
 def timed_run(llm, prompts: list[list[int]], params: list, concurrency: int) -> Run:
     """The requests through llm.generate, `concurrency` at a time."""
     before = llm.stats()
@@ -217,7 +259,7 @@ def timed_run(llm, prompts: list[list[int]], params: list, concurrency: int) -> 
     device = llm.engine.device
     outputs = []
     sync_device(device)
-    with StepTimer(llm.engine) as timer:
+    with FullBatchDecode(llm.engine, concurrency) as timer:
         start = time.perf_counter()
         for first in range(0, len(prompts), concurrency):
             batch = slice(first, first + concurrency)
@@ -236,6 +278,8 @@ def timed_run(llm, prompts: list[list[int]], params: list, concurrency: int) -> 
         longest_step_ms=timer.longest()[1] * 1e3,
         load_average=load,
         preemptions=after["num_preemptions"] - before["num_preemptions"],
+        decode_tokens=timer.tokens,
+        decode_seconds=timer.decode_seconds,
         spec=spec,
     )
 
@@ -246,8 +290,8 @@ def timed_run(llm, prompts: list[list[int]], params: list, concurrency: int) -> 
 def format_table(cases: list[dict[str, Any]]) -> list[str]:
     """The markdown table of Case.as_dict() rows (as the --json report holds them)."""
 
-    def maybe(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
+    def maybe(value: float | None, template: str) -> str:
+        return "-" if value is None else template.format(value)
 
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     for case in cases:
@@ -257,8 +301,9 @@ def format_table(cases: list[dict[str, Any]]) -> list[str]:
             f"{case['off']['tokens_per_s']:.1f}",
             f"{case['on']['tokens_per_s']:.1f}",
             f"{case['ratio']:.2f}x",
-            maybe(case["acceptance"], ".1%"),
-            maybe(case["mean_accepted_per_step"], ".2f"),
+            maybe(case["acceptance"], "{:.1%}"),
+            maybe(case["mean_accepted_per_step"], "{:.2f}"),
+            maybe(case["decode_ratio"], "{:.2f}x"),
         )
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -386,7 +431,7 @@ def _measure(args: argparse.Namespace, model_dir: str, argv: list[str] | None) -
             print(
                 f"# {workload} c={c}: {n} requests, {case.off.output_tokens} output tokens; "
                 f"off {case.off.seconds:.1f} s in {case.off.steps} steps, on {case.on.seconds:.1f} s in "
-                f"{case.on.steps} steps; load {case.off.load_average:.1f}"
+                f"{case.on.steps} steps; load {case.off.load_average:.1f}-{case.on.load_average:.1f}"
             )
             if case.mismatch is not None:
                 mismatched = True

@@ -105,17 +105,26 @@ class StepTimer:
         step = self.engine.step
 
         def timed_step():
+            state = self.before_step()
             start = time.perf_counter()
             try:
                 return step()
             finally:
                 self.seconds.append(time.perf_counter() - start)
+                self.after_step(state, self.seconds[-1])
 
         self.engine.step = timed_step
         return self
 
     def __exit__(self, *exc_info) -> None:
         del self.engine.step  # back to the class's method
+
+    def before_step(self) -> Any:
+        """A subclass's look at the engine before a step; handed to after_step."""
+        return None
+
+    def after_step(self, state: Any, seconds: float) -> None:
+        """A subclass's look at the engine after a step of `seconds`."""
 
     def longest(self) -> tuple[int, float]:
         """(index, seconds) of the longest step; (-1, 0.0) when none ran."""

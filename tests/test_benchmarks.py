@@ -168,8 +168,12 @@ def test_speculative_runs_both_workloads_with_and_without_speculation(tmp_path, 
         assert case["on"]["spec"]["spec_num_accepted_tokens"] <= case["on"]["spec"]["spec_num_draft_tokens"]
         if case["workload"] == "random":  # ignore_eos: every request ran to --output-len
             assert case["off"]["output_tokens"] == 5 * case["requests"]
+            # Full-batch decode: the 4 steps after each prefill; speculation may need fewer.
+            assert case["off"]["decode_tokens"] == 4 * case["requests"]
+            assert 0 < case["on"]["decode_tokens"] <= 4 * case["requests"]
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[0] == "| workload | concurrency | tok/s off | tok/s on | ratio | acceptance | mean accepted per step |"
+    columns = "workload | concurrency | tok/s off | tok/s on | ratio | acceptance | mean accepted per step"
+    assert table[0] == f"| {columns} | full-batch decode ratio |"
     assert [row.split(" | ")[:2] for row in table[2:]] == [
         ["| echo", "1"],
         ["| echo", "3"],
