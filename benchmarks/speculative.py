@@ -228,44 +228,51 @@ def random_workload(llm, count: int, args: argparse.Namespace) -> tuple[list[lis
     return prompts, params
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class FullBatchDecode(StepTimer):
     """Times every step, and sums the output tokens and seconds of the steps that decode the whole
     batch: `concurrency` sequences running, each past its prompt. A wave's prefill and its tail
     (the batch shrinking as rows finish) are left out, which leaves the steady state of serving C
     requests at once. The whole wave's rate, in contrast, waits for its slowest row."""
 
-    def __init__(self, engine, concurrency: int) -> None:
+    def __init__(self, engine, concurrency: int, clock) -> None:
         super().__init__(engine)
         self.concurrency = concurrency
+        self.clock = clock
         self.tokens = 0
         self.decode_seconds = 0.0
 
-    def before_step(self) -> int | None:
-        """The engine's token count when this step decodes the whole batch; None otherwise."""
+    def before_step(self) -> tuple[int, float] | None:
+        """The engine's token count and the clock when this step decodes the whole batch; else None."""
         running = self.engine.scheduler.running
         full = len(running) == self.concurrency and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
-        return self.engine.generation_tokens_total if full else None
+        return (self.engine.generation_tokens_total, self.clock()) if full else None
 
-    def after_step(self, state: int | None, seconds: float) -> None:
+    def after_step(self, state: tuple[int, float] | None, seconds: float) -> None:
         if state is not None:
-            self.tokens += self.engine.generation_tokens_total - state
-            self.decode_seconds += seconds
+            self.tokens += self.engine.generation_tokens_total - state[0]
+            self.decode_seconds += self.clock() - state[1]
 
 
-def timed_run(llm, prompts: list[list[int]], params: list, concurrency: int) -> Run:
-    """The requests through llm.generate, `concurrency` at a time."""
+def timed_run(llm, prompts: list[list[int]], params: list, concurrency: int, clock_name: str = "wall") -> Run:
+    """The requests through llm.generate, `concurrency` at a time. The "cpu" clock counts this
+    process's CPU seconds (all its threads), not the wall's: on a shared CPU, what other processes
+    take then does not count (the device's time does not count either: CPU only)."""
+    clock = CLOCKS[clock_name]
     before = llm.stats()
     load = os.getloadavg()[0]
     device = llm.engine.device
     outputs = []
     sync_device(device)
-    with FullBatchDecode(llm.engine, concurrency) as timer:
-        start = time.perf_counter()
+    with FullBatchDecode(llm.engine, concurrency, clock) as timer:
+        start = clock()
         for first in range(0, len(prompts), concurrency):
             batch = slice(first, first + concurrency)
             outputs += llm.generate(prompts[batch], params[batch])
         sync_device(device)
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
     after = llm.stats()
     spec = {key: after[key] - before[key] for key in SPEC_COUNTERS if key in after}
     for key in ("spec_num_draft_tokens_per_pos", "spec_num_accepted_tokens_per_pos"):
@@ -329,6 +336,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=64, help="random workload's output tokens")
     parser.add_argument("--random-temperature", type=float, default=0.6, help="seeded; 0: greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed seconds; cpu: this process's CPU seconds (a shared CPU with --threads 1)",
+    )
     parser.add_argument("--json", help="write every number here")
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
@@ -357,6 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--draft-model is needed with --method draft_model, and only then")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"{args.device} asked for and no GPU is visible; try --preset cpu-smollm2")
+    if args.device.startswith("cuda") and args.clock == "cpu":
+        parser.error("--clock cpu does not count the GPU's time")
     if args.device.startswith("cuda") and args.gpu_memory_utilization is None:
         args.gpu_memory_utilization = 0.4  # two engines share the card
     return args
@@ -398,6 +413,7 @@ def _measure(args: argparse.Namespace, model_dir: str, argv: list[str] | None) -
             "torch_threads": torch.get_num_threads(),
             "load_average": os.getloadavg()[0],
             "speculative_config": speculation,
+            "clock": args.clock,
             "concurrency_means": "requests submitted in batches of that size (LLM.generate per batch)",
             "command": command,
         },
@@ -412,7 +428,7 @@ def _measure(args: argparse.Namespace, model_dir: str, argv: list[str] | None) -
             report.set("error", f"engine with speculation {name}: {type(error).__name__}: {error}")
             print(f"# ERROR: the engine with speculation {name} failed: {type(error).__name__}: {error}")
             return 2
-    print(f"# {command}\n# speculative_config {json.dumps(speculation)}; prefix caching off")
+    print(f"# {command}\n# speculative_config {json.dumps(speculation)}; prefix caching off; {args.clock} clock")
 
     cases: list[Case] = []
     mismatched = False
@@ -424,7 +440,7 @@ def _measure(args: argparse.Namespace, model_dir: str, argv: list[str] | None) -
             n = sizes[c]
             # Alternate which engine runs first, so that drift on a shared machine favours neither.
             order = ("off", "on") if len(cases) % 2 == 0 else ("on", "off")
-            runs = {name: timed_run(engines[name], prompts[:n], params[:n], c) for name in order}
+            runs = {name: timed_run(engines[name], prompts[:n], params[:n], c, args.clock) for name in order}
             case = Case(workload, c, runs["off"], runs["on"])
             cases.append(case)
             report.set("cases", [x.as_dict() for x in cases])

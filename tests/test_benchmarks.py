@@ -151,7 +151,8 @@ SPECULATIVE_TINY += ["--output-len", "5", "--min-input", "4", "--max-input", "12
 
 def test_speculative_runs_both_workloads_with_and_without_speculation(tmp_path, capsys):
     out = tmp_path / "speculative.json"
-    assert speculative.main([*SPECULATIVE_TINY, "--concurrency", "1,3", "--json", str(out)]) == 0
+    argv = [*SPECULATIVE_TINY, "--concurrency", "1,3", "--clock", "cpu", "--json", str(out)]
+    assert speculative.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["identical"] is True
     cases = data["cases"]
@@ -188,8 +189,9 @@ def test_speculative_runs_both_workloads_with_and_without_speculation(tmp_path, 
 def test_speculative_fails_when_speculation_changes_an_output(tmp_path, monkeypatch, capsys):
     measured = speculative.timed_run
 
-    def corrupted(llm, prompts, params, concurrency):
-        run = measured(llm, prompts, params, concurrency)
+    def corrupted(*args):
+        run = measured(*args)
+        llm = args[0]
         if llm.engine.speculator is not None:  # the engine with speculation: one token differs
             run.token_ids[1][2] += 1
         return run
