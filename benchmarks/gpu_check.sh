@@ -2,7 +2,7 @@
 # The one prepared GPU run, most telling first: a short preflight; the engine on Qwen3-0.6B with
 # its roofline bound and a batch-1 decode step; the Triton kernel tests (bf16 first), then the CUDA
 # tests; transformers' baselines; Llama-3.1-8B; serving over HTTP; a profile of one decode step;
-# the attention microbenchmark. Ends with one short table.
+# the attention microbenchmark; speculative decoding on and off. Ends with one short table.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh     # here, once: the API's and xgrammar's wheels into .whl/
 #   bash benchmarks/gpu_check.sh            # there, from the repo root (carry .whl); results in ${OUT:-/tmp/gpu_check}
@@ -124,13 +124,13 @@ engine_ok() {   # the JSON holds an engine result without an error
     "$PYTHON" -c 'import json, sys; e = json.load(open(sys.argv[1]))["systems"].get("engine") or {}
 sys.exit(0 if e and not e.get("error") else 1)' "$1" 2>/dev/null
 }
-step qwen3-0.6b "$(cap 170 300)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b --systems engine \
+step qwen3-0.6b "$(cap 170 340)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b --systems engine \
     --json "$OUT_DIR/qwen3-0.6b.json"
 if ! engine_ok "$OUT_DIR/qwen3-0.6b.json"; then
     # Neither CUDA graphs nor async scheduling has run on a GPU before this script's first run:
     # measure once without both, so the run still yields a number and the later steps a setting.
     FALLBACK=(--enforce-eager --no-async-scheduling)
-    fallback_cap=$(cap 120 200)
+    fallback_cap=$(cap 120 240)
     ((fallback_cap < 60)) && fallback_cap=60 # a cold build, the warm-up and the run: never less
     step qwen3-0.6b-eager-sync "$fallback_cap" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
         --systems engine "${FALLBACK[@]}" --json "$OUT_DIR/qwen3-0.6b-eager-sync.json"
@@ -141,35 +141,35 @@ echo "engine flags for the later steps: ${ENGINE_FLAGS[*]:-(defaults)}"
 # ---- 2. tensor parallelism (--tp N only) -------------------------------------------------------
 if ((TP > 1)); then
     if ((HAVE_PYTEST)); then
-        step tp-tests "$(cap 90 200)" "${PYTEST[@]}" tests/test_tensor_parallel.py
+        step tp-tests "$(cap 90 240)" "${PYTEST[@]}" tests/test_tensor_parallel.py
     else
         skip tp-tests "pytest missing"
     fi
-    step "qwen3-0.6b-tp$TP" "$(cap 120 180)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b --systems engine \
+    step "qwen3-0.6b-tp$TP" "$(cap 120 220)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b --systems engine \
         --tensor-parallel-size "$TP" "${ENGINE_FLAGS[@]}" --json "$OUT_DIR/qwen3-0.6b-tp$TP.json"
 fi
 
 # ---- 3. kernel tests, bf16 first; then the CUDA tests ------------------------------------------
 if ((HAVE_PYTEST)); then
     # The fp32 configs of the prefill kernels compile for 3-28 s each: after the rest, capped apart.
-    step kernel-tests "$(cap 90 260)" "${PYTEST[@]}" -m "cuda or triton" -k "not fp32" "${KERNEL_TESTS[@]}" \
+    step kernel-tests "$(cap 90 300)" "${PYTEST[@]}" -m "cuda or triton" -k "not fp32" "${KERNEL_TESTS[@]}" \
         --junitxml="$OUT_DIR/kernel-tests.xml"
-    step kernel-tests-fp32 "$(cap 45 230)" "${PYTEST[@]}" -m "cuda or triton" -k "fp32" "${KERNEL_TESTS[@]}" \
+    step kernel-tests-fp32 "$(cap 45 270)" "${PYTEST[@]}" -m "cuda or triton" -k "fp32" "${KERNEL_TESTS[@]}" \
         --junitxml="$OUT_DIR/kernel-tests-fp32.xml"
-    step cuda-tests "$(cap 90 200)" "${PYTEST[@]}" -m "cuda or triton" tests/test_cuda.py tests/test_engine_parity.py \
+    step cuda-tests "$(cap 90 240)" "${PYTEST[@]}" -m "cuda or triton" tests/test_cuda.py tests/test_engine_parity.py \
         tests/test_sampler.py --junitxml="$OUT_DIR/cuda-tests.xml"
     # Control tokens in messages must stay text on this machine's transformers too (issue 11).
-    step control-token-tests "$(cap 45 180)" "${PYTEST[@]}" -k control_token tests
+    step control-token-tests "$(cap 45 220)" "${PYTEST[@]}" -k control_token tests
 else
     skip tests "pytest missing"
 fi
 
 # ---- 4. transformers' baselines on the same model (each cut at 35 s, reported as partial) -------
-step qwen3-0.6b-baselines "$(cap 100 130)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
+step qwen3-0.6b-baselines "$(cap 100 170)" "$PYTHON" -m benchmarks.throughput --preset qwen3-0.6b \
     --systems hf-generate,hf-generate-batch --no-roofline --hf-time-limit 35 --json "$OUT_DIR/qwen3-0.6b-baselines.json"
 
 # ---- 5. Llama-3.1-8B: the engine and its bound --------------------------------------------------
-step llama-3.1-8b "$(cap 90 85)" "$PYTHON" -m benchmarks.throughput --preset llama-3.1-8b --systems engine \
+step llama-3.1-8b "$(cap 90 125)" "$PYTHON" -m benchmarks.throughput --preset llama-3.1-8b --systems engine \
     "${ENGINE_FLAGS[@]}" --json "$OUT_DIR/llama-3.1-8b.json"
 
 # ---- 6. serving over HTTP on the Qwen3-0.6B config (dummy weights, the demo tokenizer) ----------
@@ -181,7 +181,7 @@ if "$PYTHON" -c "import fastapi, uvicorn" 2>/dev/null; then
         { cat configs/h100-qwen3-0.6b.yaml; printf 'enforce_eager: true\nasync_scheduling: false\n'; } >"$serve_config"
     fi
     tokenizer=$("$PYTHON" -c "from engine.models.demo_model import demo_model_path; print(demo_model_path())")
-    step serving "$(cap 75 65)" "$PYTHON" -m benchmarks.serving --launch "--config $serve_config \
+    step serving "$(cap 75 105)" "$PYTHON" -m benchmarks.serving --launch "--config $serve_config \
         --model /tmp/sluice-qwen3 --load-format dummy --tokenizer $tokenizer --log-level warning --shutdown-timeout 3" \
         --num-prompts 512 --concurrency 128 --input-len 512 --output-len 256 --warmup 8 --json "$OUT_DIR/serving.json"
 else
@@ -192,11 +192,19 @@ fi
 profile_flags=()
 ((${#ENGINE_FLAGS[@]})) && profile_flags=(--enforce-eager --sync)
 # max_model_len 4096 as in step 1: the same decode graphs, so their kernels come from Triton's cache.
-step profile "$(cap 60 20)" "$PYTHON" -m benchmarks.profile_step --batch 256 --context 1024 --steps 10 \
+step profile "$(cap 60 60)" "$PYTHON" -m benchmarks.profile_step --batch 256 --context 1024 --steps 10 \
     --max-model-len 4096 "${profile_flags[@]}" --json "$OUT_DIR/profile.json"
 
-# ---- 8. the attention kernels on their own, with whatever time is left --------------------------
-step attention-kernels "$(cap 25 0)" "$PYTHON" -m benchmarks.attention_kernels
+# ---- 8. the attention kernels on their own ------------------------------------------------------
+step attention-kernels "$(cap 25 40)" "$PYTHON" -m benchmarks.attention_kernels
+
+# ---- 9. speculative decoding (issue 14), with whatever time is left -----------------------------
+# Dummy weights never copy their prompt, so only the random workload: what verifying k = 3 n-gram
+# proposals per row costs at batch 1 and 64 when they are seldom right, and whether every output
+# stays identical (the exit status is 1 if not). Two engines, 40% of the card each.
+step speculative "$(cap 40 0)" "$PYTHON" -m benchmarks.speculative --preset qwen3-0.6b --workloads random \
+    --concurrency 1,64 --method ngram --num-speculative-tokens 3 "${ENGINE_FLAGS[@]}" \
+    --json "$OUT_DIR/speculative.json"
 
 # ---- summary ------------------------------------------------------------------------------------
 echo
@@ -207,7 +215,7 @@ for log in kernel-tests kernel-tests-fp32 cuda-tests control-token-tests tp-test
     echo "$log: ${line:-no result}"
 done
 summaries=()
-for name in qwen3-0.6b qwen3-0.6b-eager-sync "qwen3-0.6b-tp$TP" qwen3-0.6b-baselines llama-3.1-8b; do
+for name in qwen3-0.6b qwen3-0.6b-eager-sync "qwen3-0.6b-tp$TP" qwen3-0.6b-baselines llama-3.1-8b speculative; do
     [[ -f "$OUT_DIR/$name.json" ]] && summaries+=("$OUT_DIR/$name.json")
 done
 ((${#summaries[@]})) && timeout 60 "$PYTHON" -m benchmarks.report "${summaries[@]}" 2>&1 | tee "$OUT_DIR/summary.md"

@@ -1,6 +1,8 @@
 """What the throughput benchmark prints: its table, its targets, and the summary over several runs.
 
 python -m benchmarks.report A.json B.json   # one short table over --json reports (gpu_check.sh)
+
+The summary also takes benchmarks.speculative's reports: a row per case, speculation on against off.
 """
 
 from __future__ import annotations
@@ -141,7 +143,25 @@ def _rows(label: str, data: dict[str, Any], systems: dict[str, Any], engine_rate
         status = "met" if target["met"] else "MISSED"
         name, value = target["name"], target["value"]
         lines.append(f"| {label} | target: {name} | {value} | - | - | {target['target']} {status} |")
+    lines += [_speculation_row(label, data, case) for case in data.get("cases", [])]
+    if data.get("error"):
+        lines.append(f"| {label} | - | error | - | - | {data['error'][:120]} |")
     return lines
+
+
+def _speculation_row(label: str, data: dict[str, Any], case: dict[str, Any]) -> str:
+    """A case of benchmarks.speculative: the rate with speculation, its ratio to the rate without."""
+    config = data.get("run", {}).get("speculative_config", {})
+    method = f"{config.get('method')} k={config.get('num_speculative_tokens')}"
+    name = f"spec {method} {case['workload']} c={case['concurrency']}"
+    acceptance = "-" if case["acceptance"] is None else f"{case['acceptance']:.1%}"
+    decode = "-" if case.get("decode_ratio") is None else f"{case['decode_ratio']:.2f}x"
+    verdict = "outputs identical" if case["identical"] else "OUTPUTS DIFFER"
+    return (
+        f"| {label} | {name} | {case['on']['tokens_per_s']:,.0f} | {case['ratio']:.2f}x off | - | "
+        f"off {case['off']['tokens_per_s']:,.0f} tok/s; full-batch decode {decode} off; "
+        f"acceptance {acceptance}; {verdict} |"
+    )
 
 
 if __name__ == "__main__":

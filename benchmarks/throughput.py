@@ -42,6 +42,7 @@ from benchmarks.workload import (
     Preset,
     Report,
     SystemResult,
+    add_engine_arguments,
     best_of,
     dummy_engine_config,
     free_device_memory,
@@ -104,17 +105,26 @@ class StepTimer:
         step = self.engine.step
 
         def timed_step():
+            state = self.before_step()
             start = time.perf_counter()
             try:
                 return step()
             finally:
                 self.seconds.append(time.perf_counter() - start)
+                self.after_step(state, self.seconds[-1])
 
         self.engine.step = timed_step
         return self
 
     def __exit__(self, *exc_info) -> None:
         del self.engine.step  # back to the class's method
+
+    def before_step(self) -> Any:
+        """A subclass's look at the engine before a step; handed to after_step."""
+        return None
+
+    def after_step(self, state: Any, seconds: float) -> None:
+        """A subclass's look at the engine after a step of `seconds`."""
 
     def longest(self) -> tuple[int, float]:
         """(index, seconds) of the longest step; (-1, 0.0) when none ran."""
@@ -199,7 +209,9 @@ def measure_decode_batch1(llm, temperature: float, prompt_len: int = 128, num_st
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def _model_dir(preset: Preset, config_path: str | None) -> str:
+def prepare_model_dir(preset: Preset, config_path: str | None) -> str:
+    """The directory the engine loads: the preset's real checkpoint (the cache's, never removed), or a
+    new temporary one holding just a config.json (dummy weights; the caller removes it)."""
     if preset.model and not config_path:
         from engine.models.builtin_models import resolve_model
 
@@ -252,24 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds each transformers baseline may run; past it the run stops, its rate marked partial",
     )
     parser.add_argument("--json", help="write every number here")
-    parser.add_argument("--device", help="default: the preset's")
-    parser.add_argument("--dtype", help="default: the preset's")
-    parser.add_argument("--max-model-len", type=int, help="default: the preset's")
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--enforce-eager", action="store_true", default=None)
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="launch step N+1 before reading step N's tokens (default: on for CUDA)",
-    )
-    parser.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
-    parser.add_argument("--gpu-memory-utilization", type=float)
-    parser.add_argument("--num-kv-blocks", type=int)
-    parser.add_argument("--kv-cache-memory", type=int, help="bytes of KV cache on the CPU")
+    add_engine_arguments(parser)
     parser.add_argument("--no-roofline", action="store_true", help="on CUDA, skip the bound and the batch-1 step")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, help="timed runs per system, best reported (default: the preset's)")
     parser.add_argument(
         "--tensor-parallel-size",
@@ -317,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     device = torch.device(args.device)
-    model_dir = _model_dir(preset, args.model_config)
+    model_dir = prepare_model_dir(preset, args.model_config)
     vocab_size = _vocab_size(model_dir)
     prompts, output_lens = make_workload(
         args.num_seqs, args.min_input, args.max_input, args.min_output, args.max_output, vocab_size, args.seed

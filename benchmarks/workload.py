@@ -220,6 +220,27 @@ def shifted_workloads(prompts: list[list[int]], vocab_size: int, repeat: int) ->
     return [[[(t + r) % id_limit for t in p] for p in prompts] for r in range(repeat)]
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine-setting flags every offline benchmark takes (dummy_engine_config reads them)."""
+    parser.add_argument("--device", help="default: the preset's")
+    parser.add_argument("--dtype", help="default: the preset's")
+    parser.add_argument("--max-model-len", type=int, help="default: the preset's")
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--enforce-eager", action="store_true", default=None)
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch step N+1 before reading step N's tokens (default: on for CUDA)",
+    )
+    parser.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
+    parser.add_argument("--gpu-memory-utilization", type=float)
+    parser.add_argument("--num-kv-blocks", type=int)
+    parser.add_argument("--kv-cache-memory", type=int, help="bytes of KV cache on the CPU")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+
+
 def dummy_engine_config(args: argparse.Namespace, model_dir: str):
     """The engine settings of a benchmark run: the config's architecture with seeded dummy weights."""
     from engine.config import EngineConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import profile_step, report, serving, structured_cost, throughput
+from benchmarks import profile_step, report, serving, speculative, structured_cost, throughput
 from benchmarks.workload import REPO_ROOT, make_workload
 from engine.models.demo_model import demo_model_path
 
@@ -143,3 +143,62 @@ def test_summary_compares_baselines_run_apart_with_the_engine_of_their_preset(tm
     # The preset's target (engine >= 3x generate_batch): 900 / 400 = 2.25x, missed.
     target = by_system[("qwen3-0.6b-baselines", "target: engine / hf-generate-batch")]
     assert target[2] == "2.25x" and target[5].startswith(">= 3.0x MISSED")
+
+
+SPECULATIVE_TINY = ["--model", "demo-random", "--device", "cpu", "--dtype", "float32", "--echo-max-tokens", "6"]
+SPECULATIVE_TINY += ["--output-len", "5", "--min-input", "4", "--max-input", "12"]
+
+
+def test_speculative_runs_both_workloads_with_and_without_speculation(tmp_path, capsys):
+    out = tmp_path / "speculative.json"
+    argv = [*SPECULATIVE_TINY, "--concurrency", "1,3", "--clock", "cpu", "--json", str(out)]
+    assert speculative.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["identical"] is True
+    cases = data["cases"]
+    assert [(c["workload"], c["concurrency"], c["requests"]) for c in cases] == [
+        ("echo", 1, 2),  # --min-requests 2: two batches of one
+        ("echo", 3, 3),
+        ("random", 1, 2),
+        ("random", 3, 3),
+    ]
+    for case in cases:
+        assert case["identical"], case
+        assert case["off"]["output_tokens"] == case["on"]["output_tokens"] > 0
+        assert case["off"]["spec"] == {}  # the engine without speculation has no counters
+        assert case["on"]["spec"]["spec_num_accepted_tokens"] <= case["on"]["spec"]["spec_num_draft_tokens"]
+        if case["workload"] == "random":  # ignore_eos: every request ran to --output-len
+            assert case["off"]["output_tokens"] == 5 * case["requests"]
+            # Full-batch decode: the 4 steps after each prefill; speculation may need fewer.
+            assert case["off"]["decode_tokens"] == 4 * case["requests"]
+            assert 0 < case["on"]["decode_tokens"] <= 4 * case["requests"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    columns = "workload | concurrency | tok/s off | tok/s on | ratio | acceptance | mean accepted per step"
+    assert table[0] == f"| {columns} | full-batch decode ratio |"
+    assert [row.split(" | ")[:2] for row in table[2:]] == [
+        ["| echo", "1"],
+        ["| echo", "3"],
+        ["| random", "1"],
+        ["| random", "3"],
+    ]
+    # gpu_check.sh's summary: a row per case, speculation on against off.
+    rows = report.summarize([str(out)])[2:]
+    assert len(rows) == 4 and all("outputs identical" in row for row in rows)
+
+
+def test_speculative_fails_when_speculation_changes_an_output(tmp_path, monkeypatch, capsys):
+    measured = speculative.timed_run
+
+    def corrupted(*args):
+        run = measured(*args)
+        llm = args[0]
+        if llm.engine.speculator is not None:  # the engine with speculation: one token differs
+            run.token_ids[1][2] += 1
+        return run
+
+    monkeypatch.setattr(speculative, "timed_run", corrupted)
+    out = tmp_path / "speculative.json"
+    argv = [*SPECULATIVE_TINY, "--workloads", "random", "--concurrency", "2", "--json", str(out)]
+    assert speculative.main(argv) == 1
+    assert "WARNING: random c=2: request 1 differs at output position 2" in capsys.readouterr().out
+    assert json.loads(out.read_text())["identical"] is False
