@@ -213,7 +213,13 @@ class LLMEngine:
             from engine.speculation.draft_model import DraftModelProposer
 
             proposer = DraftModelProposer(config, self.config, draft_runner, self.runner, self.kv_cache)
-        return Speculator(config, self.kv_cache, proposer, pad_proposals=self.runner.spec_graph_runner is not None)
+        return Speculator(
+            config,
+            self.kv_cache,
+            proposer,
+            pad_proposals=self.runner.spec_graph_runner is not None,
+            device_type=self.device.type,
+        )
 
     def _get_grammar_manager(self) -> GrammarManager:
         with self._grammar_manager_lock:

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.scheduling.kv_cache import _ROOT_DIGEST, chain_digest
-from engine.scheduling.request import Request
+from engine.scheduling.request import Request, RequestStatus
 from engine.speculation.config import SpeculativeConfig
 from engine.speculation.ngram import propose_ngram
 from engine.speculation.speculator import num_accepted
@@ -45,10 +45,13 @@ FIRST_PLAIN_ID = 3
 # One entry per proposer: the speculative_config without num_speculative_tokens. A "model" given
 # as a dict is model_dir_factory kwargs laid over the engine's target (same tokenizer and vocabulary),
 # built on first use.
+# Speculation in every step, whatever the batch (the CPU's default stops above 8 sequences), so that
+# large batches are covered too.
+ALWAYS = {"disable_by_batch_size": 1 << 20}
 PROPOSERS = [
-    pytest.param({"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 4}, id="ngram"),
+    pytest.param({"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 4, **ALWAYS}, id="ngram"),
     # A smaller draft with the same tokenizer and other random weights.
-    pytest.param({"method": "draft_model", "model": {"num_hidden_layers": 1, "seed": 1}}, id="draft_model"),
+    pytest.param({"method": "draft_model", "model": {"num_hidden_layers": 1, "seed": 1}, **ALWAYS}, id="draft_model"),
 ]
 KS = [1, 3, 5]
 ASYNC_MODES = [pytest.param(False, id="sync"), pytest.param(True, id="async")]
@@ -828,7 +831,7 @@ def test_no_block_leaks_after_finish_abort_and_preemption(make_engine, proposer,
 
 def test_draft_model_equal_to_target_accepts_every_proposal(make_engine, plain_outputs):
     """A check of the bookkeeping: a draft that is the target proposes exactly its greedy tokens."""
-    spec = make_engine(ROOMY, {"method": "draft_model", "model": {}}, 3)
+    spec = make_engine(ROOMY, {"method": "draft_model", "model": {}, **ALWAYS}, 3)
     prompts = _random_prompts([5, 9, 14, 30], seed=71)
     params = [SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)] * len(prompts)
     before = spec.spec_stats()  # the engine is shared with the unseeded test
@@ -849,3 +852,53 @@ def test_a_draft_whose_vocabulary_does_not_cover_the_targets_is_refused(model_di
             num_kv_blocks=16,
             speculative_config={"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2},
         )
+
+
+def test_the_batch_size_limit_defaults_per_device_and_an_explicit_one_wins():
+    config = SpeculativeConfig.parse({"num_speculative_tokens": 2})
+    assert config.batch_size_limit("cpu") == 8 and config.batch_size_limit("cuda") == 32
+    explicit = SpeculativeConfig.parse({"num_speculative_tokens": 2, "disable_by_batch_size": 3})
+    assert explicit.batch_size_limit("cuda") == 3
+
+
+def test_under_async_scheduling_the_speculator_backs_off_after_steps_with_nothing_to_propose():
+    """Proposing reads the step in flight first (no overlap for that step): after a step that found
+    nothing, 1, 2, 4, ... 16 steps pass without trying; a step that finds something resets it."""
+    from engine.scheduling.kv_cache import KVCacheManager
+    from engine.speculation.speculator import MAX_BACKOFF_STEPS, Speculator
+
+    class Fixed:
+        tokens: list[int] = []
+
+        def propose(self, requests, num_tokens):
+            return [list(self.tokens) for _ in requests]
+
+    proposer = Fixed()
+    config = SpeculativeConfig.parse({"num_speculative_tokens": 2})
+    speculator = Speculator(config, KVCacheManager(8, 4), proposer)
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=100))
+    request.status, request.num_computed_tokens = RequestStatus.RUNNING, 2
+
+    def tries(steps: int, draining: bool) -> list[bool]:
+        made = []
+        for _ in range(steps):
+            active = speculator.active(1, draining)
+            if active:
+                speculator.propose([request])
+            made.append(active)
+        return made
+
+    # Found nothing: sits out 1, then 2, then 4 steps ... capped at MAX_BACKOFF_STEPS.
+    pattern = tries(1 + 1 + 1 + 2 + 1 + 4 + 1, draining=True)
+    assert pattern == [True, False, True, False, False, True, False, False, False, False, True]
+    assert tries(8 + 1, draining=True) == [False] * 8 + [True]
+    assert MAX_BACKOFF_STEPS == 16  # so the sit-out doubled to 16 there, and stays at 16:
+    assert tries(2 * (MAX_BACKOFF_STEPS + 1), draining=True) == ([False] * MAX_BACKOFF_STEPS + [True]) * 2
+    # Synchronous steps lose nothing by proposing: they try every time.
+    assert tries(3, draining=False) == [True] * 3
+    # A step that finds a proposal ends the back-off.
+    proposer.tokens = [7]
+    assert tries(1, draining=False) == [True]
+    assert tries(3, draining=True) == [True] * 3
+    # Above the batch-size limit nothing speculates.
+    assert not speculator.active(9, False)

@@ -225,8 +225,9 @@ class ModelRunner:
             speculative = SpeculativeConfig.parse(config.speculative_config)
             if speculative is not None:
                 # Rows of 1 + k tokens (the speculator pads every row's proposals to k when these exist).
-                # Capped: the shared logits buffer holds batch * (1 + k) rows of the vocabulary.
-                max_batch = min(config.max_num_seqs, speculative.disable_by_batch_size or 64, 64)
+                # Up to the batch that speculates, and at most 64: the shared logits buffer holds
+                # batch * (1 + k) rows of the vocabulary.
+                max_batch = min(config.max_num_seqs, speculative.batch_size_limit(self.device.type), 64)
                 query_len = 1 + speculative.num_speculative_tokens
                 self.spec_graph_runner = DecodeGraphRunner(self, max_batch_size=max_batch, query_len=query_len)
                 self.spec_graph_runner.capture()

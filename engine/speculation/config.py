@@ -19,8 +19,18 @@ class SpeculativeConfig:
     # draft_model: a smaller model with the target's tokenizer (a hub id, directory or built-in name).
     model: str | None = None
     # No speculation in a step whose running batch holds more sequences than this: a large batch
-    # is compute-bound, and verifying k extra tokens per row costs more than it saves.
+    # is compute-bound, and verifying k extra tokens per row costs more than it saves. None: the
+    # device's default (`batch_size_limit`).
     disable_by_batch_size: int | None = None
+
+    def batch_size_limit(self, device_type: str) -> int:
+        """disable_by_batch_size, or the default for the device. The CPU's 8 is measured (SmolLM2,
+        benchmarks/RESULTS.md: n-gram k=3 wins 1.4-1.6x at 1-8 sequences, loses 13-17% at 64, and
+        loses nothing at 64 with the limit at 8). A GPU's decode stays memory-bound at far larger
+        batches; 32 there is a guess, for benchmarks/gpu_check.sh to settle."""
+        if self.disable_by_batch_size is not None:
+            return self.disable_by_batch_size
+        return 32 if device_type == "cuda" else 8
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:

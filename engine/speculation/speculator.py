@@ -54,6 +54,7 @@ class Speculator:
         kv_cache: KVCacheManager,
         proposer: Proposer | None = None,
         pad_proposals: bool = False,
+        device_type: str = "cpu",
     ) -> None:
         """pad_proposals: give every speculated row exactly k proposals (filling with copies of its
         last token), so the step has the shape of the captured 1 + k graphs; fillers are verified
@@ -62,6 +63,7 @@ class Speculator:
         self.kv_cache = kv_cache
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.pad_proposals = pad_proposals
+        self.max_batch_size = config.batch_size_limit(device_type)
         self._num_proposed: dict[Request, int] = {}  # per speculated row, its proposals before padding
         self._backoff = 0  # steps to sit out after the next step that finds nothing to propose
         self._steps_to_sit_out = 0
@@ -76,8 +78,7 @@ class Speculator:
     def active(self, num_running: int, draining: bool = False) -> bool:
         """Whether this step speculates: not when the batch is large enough to be compute-bound, nor
         while backing off (`draining`: proposing would first read a step in flight)."""
-        limit = self.config.disable_by_batch_size
-        if num_running == 0 or (limit is not None and num_running > limit):
+        if num_running == 0 or num_running > self.max_batch_size:
             return False
         if draining and self._steps_to_sit_out > 0:
             self._steps_to_sit_out -= 1
