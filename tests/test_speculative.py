@@ -902,3 +902,27 @@ def test_under_async_scheduling_the_speculator_backs_off_after_steps_with_nothin
     assert tries(3, draining=True) == [True] * 3
     # Above the batch-size limit nothing speculates.
     assert not speculator.active(9, False)
+
+
+def test_the_speculator_keeps_no_state_for_sequences_it_is_done_with():
+    """Per-sequence bookkeeping ends with each step: a sequence without proposals leaves none, and
+    one whose proposals the scheduler cut entirely is forgotten, blocks trimmed."""
+    from engine.scheduling.kv_cache import KVCacheManager
+    from engine.speculation.speculator import Speculator
+
+    class ByRequest:
+        def propose(self, requests, num_tokens):
+            return [[] if r.request_id == "none" else [5, 6] for r in requests]
+
+    kv_cache = KVCacheManager(16, 4)
+    speculator = Speculator(SpeculativeConfig.parse({"num_speculative_tokens": 2}), kv_cache, ByRequest())
+    requests = [Request(name, [1, 2, 3], SamplingParams(max_tokens=100)) for name in ("none", "cut")]
+    for request in requests:
+        request.status, request.num_computed_tokens = RequestStatus.RUNNING, 2
+        assert kv_cache.allocate(request, 1 + 2)  # as a draft model allocates before proposing
+    assert speculator.propose(requests) == [requests[1]]
+    # The scheduler cut every proposal (its token budget ran out) and scheduled the last token alone.
+    requests[1].spec_token_ids, requests[1].num_computed_tokens = [], 3
+    speculator.drop_unscheduled([requests[1]])
+    assert speculator._num_proposed == {}
+    assert len(requests[1].block_ids) == 1  # positions 0-2 only: the proposals' block went back

@@ -106,13 +106,14 @@ class Speculator:
         proposed = []
         proposals = self.proposer.propose(candidates, budgets)
         for request, tokens, budget in zip(candidates, proposals, budgets, strict=True):
-            self._num_proposed[request] = len(tokens)
-            if self.pad_proposals and len(tokens) < budget == k:
+            num_real = len(tokens)
+            if self.pad_proposals and num_real < budget == k:
                 filler = tokens[-1] if tokens else request.token_ids_in(request.num_tokens - 1, request.num_tokens)[0]
-                tokens = tokens + [filler] * (k - len(tokens))
+                tokens = tokens + [filler] * (k - num_real)
             request.spec_token_ids = tokens
             if tokens:
                 proposed.append(request)
+                self._num_proposed[request] = num_real
         if any(self._num_proposed[r] for r in proposed):
             self._backoff = self._steps_to_sit_out = 0
         else:
@@ -122,9 +123,11 @@ class Speculator:
 
     def drop_unscheduled(self, proposed: list[Request]) -> None:
         """Forgets the proposals of sequences the scheduler left out of this step (its budget ran
-        out): they would be stale by the time the sequence is scheduled again."""
+        out), or scheduled without their proposals: they would be stale by the time the sequence is
+        scheduled again. Every proposed sequence is then either verified this step or forgotten."""
         for request in proposed:
-            if request.num_computed_tokens < request.num_tokens:  # not scheduled, or preempted
+            # Not scheduled, preempted, or every proposal cut (by the budget or for lack of blocks).
+            if request.num_computed_tokens < request.num_tokens or not request.spec_token_ids:
                 self.forget(request)
 
     def forget(self, request: Request) -> None:
