@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import openai
 import pytest
+from metrics_scrape import scrape
 
 from api.cli import build_parser, engine_config_from_args, module_main
 from api.metrics import ServerMetrics
@@ -32,7 +31,6 @@ PROMPTS = [
     "The cat sat on the mat. The cat sat on the mat. The cat",
     "Why is the sky blue?",
 ]
-SAMPLE = re.compile(r"^([a-z0-9_:]+)\{([^}]*)\} ([0-9.e+-]+)$")
 SPEC_COUNTERS = {
     "spec_decode_num_drafts_total": "spec_num_drafts",
     "spec_decode_num_draft_tokens_total": "spec_num_draft_tokens",
@@ -98,14 +96,7 @@ def test_answers_are_those_of_a_server_without_speculation(speculative, plain, s
 
 
 def _scrape(server) -> tuple[str, dict[tuple[str, frozenset], float]]:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    samples = {}
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match:
-            labels = frozenset(tuple(part.split("=", 1)) for part in re.findall(r'\w+="[^"]*"', match.group(2)))
-            samples[(match.group(1), labels)] = float(match.group(3))
-    return text, samples
+    return scrape(server.url)
 
 
 def _labels(**labels: str) -> frozenset:

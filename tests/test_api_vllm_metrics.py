@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-import httpx
 import openai
 import pytest
+from metrics_scrape import scrape
 
 from api.metrics import ServerMetrics
 from engine.config import EngineConfig
@@ -38,7 +38,6 @@ EXPECTED = {
     "e2e_request_latency_seconds": "histogram",
     "request_queue_time_seconds": "histogram",
 }
-SAMPLE = re.compile(r"^([a-z0-9_:]+)\{([^}]*)\} ([0-9.e+-]+)$")
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +47,7 @@ def server(serve_tiny_model):
 
 
 def _scrape(server) -> tuple[str, dict[tuple[str, frozenset], float]]:
-    text = httpx.get(f"{server.url}/metrics").text
-    samples = {}
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match:
-            labels = frozenset(tuple(part.split("=", 1)) for part in re.findall(r'\w+="[^"]*"', match.group(2)))
-            samples[(match.group(1), labels)] = float(match.group(3))
-    return text, samples
+    return scrape(server.url)
 
 
 def _value(samples, name: str, **labels: str) -> float:
