@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -285,11 +286,20 @@ class _Server:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _servers_boot_with_the_first_test(request):
+    """Where the server tests are selected, their servers start with the module's first test: each boots
+    in one single-threaded interpreter after another (server, engine process, worker; torchrun, its
+    ranks), which then overlaps the in-process tests above, themselves waiting on a worker's start
+    with a core idle much of the time."""
+    selected = [item for item in request.session.items if item.module is request.module]
+    if any("servers" in inspect.signature(item.function).parameters for item in selected):
+        request.getfixturevalue("servers")
+
+
 @pytest.fixture(scope="module")
 def servers():
-    """Both server tests' servers, started together: each spends most of its start-up in one
-    single-threaded interpreter after another (server, engine process, worker; torchrun, its ranks),
-    so on a 2-core box the second one boots while the first test runs. Stopped at the module's end."""
+    """Both server tests' servers, started together (and early, above). Stopped at the module's end."""
     port, torchrun_port, master_port = _free_ports(3)
     started: dict[str, _Server] = {}
     try:
