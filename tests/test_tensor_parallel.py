@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -248,115 +249,134 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_at_start(model_dir_fac
 # ---- the server ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999): the ports gloo, torchrun and the
-    test's own connections are handed come from that range, so none of them can take it meanwhile."""
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports below Linux's ephemeral range (32768-60999): the ports gloo, torchrun and the
+    test's own connections are handed come from that range, so none of them can take these meanwhile."""
+    ports: list[int] = []
     for port in random.sample(range(20000, 32000), 200):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"not {count} free ports in 20000-32000")
 
 
-@pytest.mark.slow
-def test_sluice_serve_tp2_serves_the_demo_model_and_a_dead_worker_turns_health_503():
-    openai = pytest.importorskip("openai")
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "api",
-        "serve",
-        "-tp",
-        "2",
-        "--model",
-        "demo-random",
-        "--device",
-        "cpu",
-        "--port",
-        str(port),
-    ]
-    command += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
-    reader.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: _health(url) == 200, timeout=180, process=process, log=log)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60)
-        assert [m.id for m in client.models.list().data] == ["demo-random"]
-        reply = client.chat.completions.create(
-            model="demo-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
-        )
-        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+SERVE_DEMO = ["-m", "api", "serve", "-tp", "2", "--model", "demo-random", "--device", "cpu"]
+SERVE_DEMO += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
 
-        (worker_pid,) = [int(m) for m in re.findall(r"worker rank 1 started \(pid (\d+)\)", "".join(log))]
-        stream = client.completions.create(
-            model="demo-random", prompt="Hi", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
-        )
-        next(iter(stream))
-        os.kill(worker_pid, signal.SIGKILL)
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                pass
-        _wait_until(lambda: _health(url) == 503, timeout=30, process=process, log=log)
-    finally:
-        process.send_signal(signal.SIGTERM)
+
+class _Server:
+    """A server process started in its own session, its stderr collected."""
+
+    def __init__(self, command: list[str], port: int, signal_group: bool) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.signal_group = signal_group  # SIGTERM the whole group (torchrun's ranks), or the server alone
+        self.process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
+
+    def wait_until(self, condition, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server: exit code {self.process.poll()}; log:\n{''.join(self.log)[-3000:]}")
+            time.sleep(0.1)
+
+    def health(self) -> int | None:
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            return httpx.get(f"{self.url}/health", timeout=2).status_code
+        except httpx.TransportError:
+            return None
 
-
-def _health(url: str) -> int | None:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code
-    except httpx.TransportError:
-        return None
-
-
-def _wait_until(condition, timeout: float, process: subprocess.Popen, log: list[str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"server: exit code {process.poll()}; log:\n{''.join(log)[-3000:]}")
-        time.sleep(0.1)
-
-
-@pytest.mark.slow
-def test_torchrun_route_rank_0_serves_and_the_other_rank_works():
-    """The several-node launch, on one node: torchrun starts both ranks; rank 0 serves."""
-    port, master_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0"]
-    command += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
-    command += ["-m", "api", "serve", "-tp", "2", "--model", "demo-random", "--device", "cpu", "--port", str(port)]
-    command += ["--num-kv-blocks", "64", "--max-model-len", "512", "--log-level", "info"]
-    command += ["--no-engine-process"]  # rank 0's engine in the server's process: one process less to start
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log: list[str] = []
-    threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: _health(url) == 200, timeout=180, process=process, log=log)
-        body = {"model": "demo-random", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
-        response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
-        joined = "".join(log)
-        assert "joined through torchrun's environment" in joined and "worker rank 1 of 2 ready" in joined
-        assert "started (pid" not in joined  # torchrun started the worker, not the engine
-    finally:
+    def terminate(self) -> None:
         with contextlib.suppress(ProcessLookupError):  # the group may be gone already (a failed start)
-            os.killpg(process.pid, signal.SIGTERM)  # torchrun stops every rank it started
+            if self.signal_group:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> None:
+        """Waits for the process to end after `terminate` (killing it past 60 s), then kills what it left behind."""
         try:
-            process.wait(timeout=60)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            self.process.kill()
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # and whatever of its session is left
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _servers_boot_with_the_first_test(request):
+    """Where the server tests are selected, their servers start with the module's first test: each boots
+    in one single-threaded interpreter after another (server, engine process, worker; torchrun, its
+    ranks), which then overlaps the in-process tests above, themselves waiting on a worker's start
+    with a core idle much of the time."""
+    selected = [item for item in request.session.items if item.module is request.module]
+    if any("servers" in inspect.signature(item.function).parameters for item in selected):
+        request.getfixturevalue("servers")
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Both server tests' servers, started together (and early, above). Stopped at the module's end."""
+    port, torchrun_port, master_port = _free_ports(3)
+    started: dict[str, _Server] = {}
+    try:
+        started["tp2"] = _Server([sys.executable, *SERVE_DEMO, "--port", str(port)], port, signal_group=False)
+        # The several-node launch, on one node: torchrun starts both ranks; rank 0 serves, its engine in
+        # the server's process (one process less to start).
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0"]
+        torchrun += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+        torchrun += [*SERVE_DEMO[1:], "--port", str(torchrun_port), "--no-engine-process"]
+        started["torchrun"] = _Server(torchrun, torchrun_port, signal_group=True)  # it stops every rank it started
+        yield started
+    finally:
+        for server in started.values():  # both drain at once
+            server.terminate()
+        for server in started.values():
+            server.wait()
+
+
+@pytest.mark.slow
+def test_sluice_serve_tp2_serves_the_demo_model_and_a_dead_worker_turns_health_503(servers):
+    openai = pytest.importorskip("openai")
+    server = servers["tp2"]
+    server.wait_until(lambda: server.health() == 200, timeout=180)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60)
+    assert [m.id for m in client.models.list().data] == ["demo-random"]
+    reply = client.chat.completions.create(
+        model="demo-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+
+    (worker_pid,) = [int(m) for m in re.findall(r"worker rank 1 started \(pid (\d+)\)", "".join(server.log))]
+    stream = client.completions.create(
+        model="demo-random", prompt="Hi", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    os.kill(worker_pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    server.wait_until(lambda: server.health() == 503, timeout=30)
+
+
+@pytest.mark.slow
+def test_torchrun_route_rank_0_serves_and_the_other_rank_works(servers):
+    """The several-node launch, on one node: torchrun starts both ranks; rank 0 serves."""
+    server = servers["torchrun"]
+    server.wait_until(lambda: server.health() == 200, timeout=180)
+    body = {"model": "demo-random", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    joined = "".join(server.log)
+    assert "joined through torchrun's environment" in joined and "worker rank 1 of 2 ready" in joined
+    assert "started (pid" not in joined  # torchrun started the worker, not the engine
 
 
 def test_the_throughput_benchmark_runs_only_the_engine_when_sharded():
