@@ -299,6 +299,10 @@ def make_engine(model_dir_factory):
                 speculative_config=speculative,
                 **engine_settings,
             )
+            if speculative is not None:
+                # Every sequence keeps getting proposals, however poor its acceptance: the bookkeeping
+                # under test must see them all (the acceptance gate has its own test).
+                llm.engine.speculator.min_acceptance = 0.0
             built[key] = Engine(llm, None if speculative is None else SpeculationSpy(llm))
         return built[key]
 
@@ -926,3 +930,35 @@ def test_the_speculator_keeps_no_state_for_sequences_it_is_done_with():
     speculator.drop_unscheduled([requests[1]])
     assert speculator._num_proposed == {}
     assert len(requests[1].block_ids) == 1  # positions 0-2 only: the proposals' block went back
+
+
+def test_a_sequence_whose_proposals_keep_failing_gets_none_but_an_occasional_probe():
+    from engine.scheduling.kv_cache import KVCacheManager
+    from engine.speculation.speculator import PROBE_INTERVAL, Speculator
+
+    class Fixed:
+        def propose(self, requests, num_tokens):
+            return [[9, 9] for _ in requests]
+
+    speculator = Speculator(SpeculativeConfig.parse({"num_speculative_tokens": 2}), KVCacheManager(64, 4), Fixed())
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=1000))
+    request.status, request.num_computed_tokens = RequestStatus.RUNNING, 2
+
+    def step(target: list[int]) -> bool:
+        """One speculative step whose target tokens are `target`; whether the sequence got proposals."""
+        if not speculator.propose([request]):
+            return False
+        emitted = speculator.accept(request, request.spec_token_ids, target)
+        request.output_token_ids += emitted
+        request.num_computed_tokens = request.num_tokens - 1
+        request.spec_token_ids = []
+        return True
+
+    assert all(step([9, 9, 4]) for _ in range(10))  # all accepted: it keeps getting them
+    rejected = [step([5, 6, 7]) for _ in range(30)]  # all rejected from here
+    assert all(rejected[:3]) and not all(rejected[3:])  # a few rejections pull the average under the bar
+    gaps = [len(run) for run in "".join("x" if r else "." for r in rejected).split("x")[1:-1] if run]
+    assert gaps and all(gap == PROBE_INTERVAL for gap in gaps)  # then one probe every PROBE_INTERVAL steps
+    # Successful probes lift the average back over the bar: then proposals every step again.
+    recovering = [step([9, 9, 4]) for _ in range(3 * PROBE_INTERVAL)]
+    assert all(recovering[-PROBE_INTERVAL:]) and not all(recovering)

@@ -66,6 +66,11 @@ class Request:
     # A draft model's progress: positions [0, n) of its own KV cache (at this sequence's block ids)
     # hold K/V of the sequence's real tokens. Reset with num_computed_tokens on preemption.
     num_draft_computed_tokens: int = 0
+    # Speculative decoding: a moving average of the share of this sequence's proposals accepted,
+    # and the steps since it was last given any (a sequence whose proposals fail stops getting
+    # them, and is tried again now and then: `Speculator.propose`).
+    spec_acceptance: float = 1.0
+    spec_steps_since_proposal: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

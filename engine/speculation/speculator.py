@@ -29,6 +29,14 @@ from engine.speculation.config import SpeculativeConfig
 from engine.speculation.ngram import NgramProposer
 
 MAX_BACKOFF_STEPS = 16
+# A sequence whose proposals are mostly rejected costs the verification of k tokens a step for
+# little gain: below this moving-average acceptance it gets none, except one probe every
+# PROBE_INTERVAL steps (its text may start repeating later). On the CPU, where verification costs
+# nearly as much as the tokens it saves, 8 sequences at 28% acceptance broke even per step and lost
+# on the whole batch (benchmarks/RESULTS.md); a GPU's memory-bound decode pays for far less.
+MIN_ACCEPTANCE = {"cpu": 0.35, "cuda": 0.1}
+ACCEPTANCE_DECAY = 0.7  # the weight of the previous average: about the last three verifications count
+PROBE_INTERVAL = 8
 
 
 class Proposer(Protocol):
@@ -64,6 +72,7 @@ class Speculator:
         self.proposer = proposer or NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.pad_proposals = pad_proposals
         self.max_batch_size = config.batch_size_limit(device_type)
+        self.min_acceptance = MIN_ACCEPTANCE.get(device_type, MIN_ACCEPTANCE["cuda"])
         self._num_proposed: dict[Request, int] = {}  # per speculated row, its proposals before padding
         self._backoff = 0  # steps to sit out after the next step that finds nothing to propose
         self._steps_to_sit_out = 0
@@ -98,9 +107,14 @@ class Speculator:
             # The target's token after the last proposal must not pass max_tokens (which also keeps
             # every verified position inside max_model_len: prompt + max_tokens fits it).
             budget = min(k, request.params.max_tokens - len(request.output_token_ids) - 1)
-            if budget > 0:
-                candidates.append(request)
-                budgets.append(budget)
+            if budget <= 0:
+                continue
+            if request.spec_acceptance < self.min_acceptance and request.spec_steps_since_proposal < PROBE_INTERVAL:
+                request.spec_steps_since_proposal += 1
+                continue
+            request.spec_steps_since_proposal = 0
+            candidates.append(request)
+            budgets.append(budget)
         if not candidates:
             return []
         proposed = []
@@ -144,6 +158,8 @@ class Speculator:
         accepted = num_accepted(proposed, target)
         num_real = self._num_proposed.pop(request, len(proposed))  # fillers are not proposals
         if num_real:
+            rate = min(accepted, num_real) / num_real
+            request.spec_acceptance = ACCEPTANCE_DECAY * request.spec_acceptance + (1 - ACCEPTANCE_DECAY) * rate
             self.num_drafts += 1
             self.num_draft_tokens += num_real
             self.num_accepted_tokens += min(accepted, num_real)
