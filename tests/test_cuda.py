@@ -148,6 +148,38 @@ def test_float32_greedy_matches_transformers_exactly(arch_case, float32_expected
     assert _all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_float32_greedy_matches_transformers_and_replays_the_1_plus_k_graphs(
+    arch_case, float32_expected, method
+):
+    """Speculation on the GPU: verification rows through the captured 1 + k graphs (proposals padded
+    to k), async scheduling on (the CUDA default), and still transformers' greedy tokens."""
+    model_dir, prompts = arch_case
+    speculative = {"method": method, "num_speculative_tokens": 3, "disable_by_batch_size": 64}
+    if method == "draft_model":
+        speculative["model"] = str(model_dir)  # the target as its own draft: every proposal accepted
+    llm = _engine(model_dir, "float32", speculative_config=speculative)
+    runner = llm.engine.runner
+    assert runner.spec_graph_runner is not None and llm.engine.speculator.pad_proposals
+    replays = [0]
+    run = runner.spec_graph_runner.run
+
+    def counting_run(*args, **kwargs):
+        replays[0] += 1
+        return run(*args, **kwargs)
+
+    runner.spec_graph_runner.run = counting_run
+    got = _engine_greedy(llm, prompts)
+    for index, (engine_ids, expected_ids) in enumerate(zip(got, float32_expected)):
+        assert engine_ids == expected_ids, f"prompt {index} (length {len(prompts[index])}) diverges"
+    assert replays[0] > 0, "no speculative step replayed a CUDA graph"
+    stats = llm.stats()
+    assert stats["spec_num_draft_tokens"] > 0
+    if method == "draft_model":
+        assert stats["spec_num_accepted_tokens"] == stats["spec_num_draft_tokens"], stats
+    assert _all_blocks_free(llm)
+
+
 def _bf16_step(value: float) -> float:
     """The spacing of bf16 numbers around value (8 significant bits)."""
     exponent = torch.frexp(torch.tensor(abs(value) or 1.0)).exponent.item()
