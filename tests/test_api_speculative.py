@@ -23,8 +23,8 @@ MODEL = "tiny-spec"
 K = 3
 NGRAM = {"method": "ngram", "num_speculative_tokens": K}
 NO_EOS = {"ignore_eos": True}  # the tiny random model may emit EOS at any step
-# Prompts that repeat themselves give prompt lookup something to match from the first step; a random
-# model's greedy output loops soon after, which gives it more.
+# Prompts of different kinds and lengths (repeats, a question): verification rows of different
+# lengths share the steps.
 PROMPTS = [
     "one two three one two three one two three one two",
     "abc abc abc abc abc abc abc",
@@ -39,10 +39,13 @@ SPEC_COUNTERS = {
 
 
 @pytest.fixture(scope="module")
-def speculative(serve_tiny_model):
+def speculative(serve_tiny_model, model_dir_factory):
     # In an engine process: the config goes to the child, and the stats (lists included) come back.
+    # The served model as its own draft: its greedy proposals are all accepted, so every counter moves
+    # (n-gram lookup on a random model's text accepts little; the engine tests cover it at length).
+    draft = {"method": "draft_model", "model": str(model_dir_factory("llama")), "num_speculative_tokens": K}
     with serve_tiny_model(
-        MODEL, engine_process=True, num_kv_blocks=256, max_model_len=512, speculative_config=NGRAM
+        MODEL, engine_process=True, num_kv_blocks=256, max_model_len=512, speculative_config=draft
     ) as running:
         yield running
 
