@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -100,11 +99,7 @@ def _smollm2_needs_converting() -> bool:
     gguf = smollm2_gguf_path()
     if gguf is None or importlib.util.find_spec("gguf") is None:
         return False
-    try:  # the cache entry's name, as converted_checkpoint spells it; if that changed, convert anyway
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.resolve().stem)
-        return not (cache_root() / f"gguf-{stem}-{gguf_checkpoint._fingerprint(gguf.resolve())}").is_dir()
-    except Exception:  # noqa: BLE001 - a wrong guess costs a conversion that finds the cache, nothing more
-        return True
+    return not (cache_root() / gguf_checkpoint.cache_entry_name(gguf)).is_dir()
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -45,8 +45,14 @@ def converted_checkpoint(gguf_path: str | Path) -> Path:
         raise FileNotFoundError(f"Invalid value for 'model': the GGUF file {path} does not exist")
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("Loading a GGUF file needs the 'gguf' package: pip install gguf")
+    return build_once(cache_entry_name(path), lambda out: convert(path, out))
+
+
+def cache_entry_name(gguf_path: str | Path) -> str:
+    """The name of the file's conversion in the cache (`model_cache.cache_root()`)."""
+    path = Path(gguf_path).resolve()
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)
-    return build_once(f"gguf-{stem}-{_fingerprint(path)}", lambda out: convert(path, out))
+    return f"gguf-{stem}-{_fingerprint(path)}"
 
 
 def convert(gguf_path: Path, out_dir: Path) -> None:
