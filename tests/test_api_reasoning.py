@@ -233,7 +233,10 @@ def test_streamed_thinking_arrives_as_reasoning_content_deltas(client, forced):
             reasoning_chunks += 1
             assert not delta.content  # a chunk carries one or the other
         content += delta.content or ""
-    assert reasoning_chunks >= 2  # one token per step: the block came in pieces
+    # At least one reasoning delta; not necessarily several: the engine front merges the deltas a slow
+    # reader has not taken yet (engine/async_llm.py), and on a loaded CI box all twelve tokens once came
+    # as one chunk. That tokens stream while the request runs is test_api_streaming's to show.
+    assert reasoning_chunks >= 1
     assert reasoning == whole.reasoning_content
     assert content == (whole.content or "")
 
